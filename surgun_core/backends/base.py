@@ -1,0 +1,157 @@
+"""The Backend interface: what the engine needs from one model family (DESIGN.md section 2).
+
+A conditioning ("cond") is a dict of tensors whose first dimension is the batch, so the engine can
+slice, repeat and concatenate it without knowing the family (SD1.5: encoder_hidden_states; SDXL adds
+text_embeds and time_ids; SANA adds an attention mask).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..objectives import FlowObjective, Objective
+from ..sampling import ddim_sample, flow_sample, seeded_noise
+
+Cond = dict[str, torch.Tensor]
+
+
+def cond_select(cond: Cond, index: torch.Tensor | Sequence[int]) -> Cond:
+    index = torch.as_tensor(index, dtype=torch.long)
+    return {k: v[index.to(v.device)] for k, v in cond.items()}
+
+
+def cond_cat(conds: Sequence[Cond]) -> Cond:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_len(cond: Cond) -> int:
+    return next(iter(cond.values())).shape[0]
+
+
+class Backend(ABC):
+    """Adapts one model family to the engine. Subclasses set the attributes below and the abstract calls."""
+
+    architecture: str  # modelspec.architecture of the base model, e.g. "stable-diffusion-v1"
+    lora_prefix: str = "lora_unet"
+    objective: Objective
+    denoiser: nn.Module  # the module LoRA layers live in (UNet or DiT)
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    pixel_space: bool = False  # True when the model denoises pixels directly (the toy world)
+    default_guidance: float = 5.0
+
+    @abstractmethod
+    def encode(self, prompts: list[str]) -> Cond:
+        """Text conditioning for each prompt."""
+
+    @abstractmethod
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The network's raw output at model time t (eps, v or flow velocity)."""
+
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample the denoiser works on."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1]. Pixel-space default; latent backends override."""
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    # ---- shared behaviour -------------------------------------------------------------------------------
+
+    def loss(self, x0: torch.Tensor, cond: Cond, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample training loss l(x0, c) of DESIGN.md section 1: (B,)."""
+        obj = self.objective
+        x_t = obj.noisy(x0, noise, t.to(x0.device))
+        pred = self.predict(x_t, obj.model_time(t).to(x0.device), cond)
+        return ((pred.float() - obj.target(x0, noise, t.to(x0.device)).float()) ** 2).flatten(1).mean(1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        seeds: Sequence[int],
+        steps: int = 20,
+        guidance: float | None = None,
+        batch_size: int = 64,
+    ) -> torch.Tensor:
+        """x0 (latents, or pixels in [-1, 1]) for each (prompt, seed); deterministic per seed."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        g = self.default_guidance if guidance is None else guidance
+        out = []
+        uncond_one = self.encode([""])
+        for i in range(0, len(prompts), batch_size):
+            p, s = prompts[i : i + batch_size], list(seeds[i : i + batch_size])
+            cond = self.encode(p)
+            uncond = cond_select(uncond_one, [0] * len(p))
+            noise = seeded_noise(s, self.latent_shape(), self.device, self.dtype)
+            if isinstance(self.objective, FlowObjective):
+                x = flow_sample(self.predict, cond, uncond, noise, steps, g, self.objective.shift,
+                                self.objective.num_train_timesteps)  # fmt: skip
+            else:
+                x = ddim_sample(self.predict, cond, uncond, noise, self.objective.alphas_cumprod,
+                                self.objective.prediction_type, steps, g,
+                                clip=1.0 if self.pixel_space else None)  # fmt: skip
+            out.append(x.float().cpu())
+        return torch.cat(out)
+
+    def generate(self, prompts: list[str], seeds: Sequence[int], steps: int = 20, guidance=None) -> torch.Tensor:
+        """Decoded images (B, 3, H, W) in [0, 1]."""
+        x = self.sample(prompts, seeds, steps, guidance)
+        return torch.cat([self.decode(x[i : i + 16].to(self.device)).float().cpu() for i in range(0, len(x), 16)])
+
+    def attention_linears(self) -> dict[str, nn.Linear]:
+        """Every nn.Linear inside an attention module of the denoiser, by dotted name."""
+        attn = [n for n, m in self.denoiser.named_modules() if n and type(m).__name__.endswith("Attention")]
+        out = {}
+        for name, mod in self.denoiser.named_modules():
+            if isinstance(mod, nn.Linear) and any(name.startswith(a + ".") for a in attn):
+                out[name] = mod
+        return out
+
+    def lora_targets(self, pattern: str) -> dict[str, nn.Linear]:
+        """Attention Linear layers whose name matches the regular expression `pattern`."""
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError("blocks", f"{pattern!r} is not a valid regular expression ({e})") from e
+        cands = self.attention_linears()
+        hits = {n: m for n, m in cands.items() if rx.search(n)}
+        if not hits:
+            examples = ", ".join(list(cands)[:3])
+            raise ConfigError(
+                "blocks", f"{pattern!r} matches no attention layer of this model; names look like: {examples}"
+            )
+        return hits
+
+    def fingerprint(self) -> str:
+        """Short hash of the denoiser's architecture and a sample of its weights (identifies the base)."""
+        h = hashlib.sha256(self.architecture.encode())
+        for name, t in sorted(self.denoiser.state_dict().items()):
+            h.update(f"{name}:{tuple(t.shape)}".encode())
+        for _, t in list(sorted(self.denoiser.state_dict().items()))[:: max(1, len(self.denoiser.state_dict()) // 16)]:
+            h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError("device", f"{device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+    if device.type == "cpu" and dt == torch.float16:
+        raise ConfigError("precision", "float16 is not supported on CPU; use float32 or bfloat16")
+    return dt

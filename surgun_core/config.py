@@ -1,0 +1,136 @@
+"""EraseConfig: the one typed, validated description of an erasure, shared by every front end.
+
+Validation lives here only. Every error names the field and what to do (errors.ConfigError).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .concepts import KINDS, builtin_distractors
+from .errors import ConfigError
+
+Kind = Literal["object", "style"]
+BLOCK_PRESETS = {
+    "cross-attn": r"attn2\.",  # cross-attention: where the prompt enters (UNet)
+    "self-attn": r"attn1\.",
+    "all-attn": r"(attn1|attn2)\.",
+    "dit-attn": r"(attn1|attn2|attn)\.",  # DiT transformer blocks
+}
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EraseConfig:
+    """What to erase and how. Defaults are the SurgUn recipe (DESIGN.md section 1)."""
+
+    concepts: list[str]
+    distractors: list[str] | None = None  # None: built-in list for `kind`
+    kind: Kind = "object"
+    templates: list[str] | None = None  # prompt templates with one "{}"; None: built-in for `kind`
+    retain_prompts: list[str] | None = None  # prompts for the optional retain anchor (L_R)
+    steps: int = 150
+    lr: float = 2e-3
+    rank: int = 4
+    alpha: float = 4.0
+    blocks: str = "cross-attn"  # a preset name (BLOCK_PRESETS) or a regular expression over module names
+    batch_size: int = 8  # target images per step (as many distractor images)
+    distractors_per_step: int = 4
+    images_per_concept: int = 16  # training images the frozen model generates per concept
+    sample_steps: int = 20
+    guidance: float = 5.0
+    # The SurgUn loss: L = -w_ascent*L_T + w_distract*L_D + w_contrast*L_C + w_retain*L_R (DESIGN.md s.1).
+    use_ascent: bool = False  # plain (unbounded) ascent on L_T; off by default, L_C already ascends
+    use_distractors: bool = True
+    use_contrast: bool = True
+    use_retain: bool = False
+    w_ascent: float = 1.0
+    w_distract: float = 1.0
+    w_contrast: float = 0.5
+    w_retain: float = 1.0
+    contrast_delta: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0  # keep the LoRA every N steps (0: final only); calibration scores them
+    precision: str = "float32"
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)  # front-end specific notes, copied into metadata
+
+    def __post_init__(self) -> None:
+        self.concepts = _clean_list("concepts", self.concepts, allow_empty=False)
+        if self.kind not in KINDS:
+            raise ConfigError("kind", f"unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.distractors is not None:
+            self.distractors = _clean_list("distractors", self.distractors, allow_empty=not self.use_distractors)
+            lower = {c.lower() for c in self.concepts}
+            same = [d for d in self.distractors if d.lower() in lower]
+            if same:
+                raise ConfigError(
+                    "distractors", f"{same[0]!r} is also a concept to erase; a concept cannot be its own distractor"
+                )
+        if self.templates is not None:
+            self.templates = _clean_list("templates", self.templates, allow_empty=False)
+            bad = [t for t in self.templates if t.count("{}") != 1]
+            if bad:
+                raise ConfigError("templates", f"{bad[0]!r} must contain exactly one '{{}}' where the concept goes")
+        if self.retain_prompts is not None:
+            self.retain_prompts = _clean_list("retain_prompts", self.retain_prompts, allow_empty=True)
+        for name in ("steps", "rank", "batch_size", "distractors_per_step", "images_per_concept", "sample_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(name, f"must be a whole number >= 1, got {v!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError("checkpoint_every", f"must be a whole number >= 0, got {self.checkpoint_every!r}")
+        for name in ("lr", "alpha", "contrast_delta"):
+            _positive(name, getattr(self, name))
+        for name in ("w_ascent", "w_distract", "w_contrast", "w_retain", "max_grad_norm", "guidance"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(name, f"must be a finite number >= 0, got {v!r}")
+        if not (self.use_ascent or self.use_distractors or self.use_contrast):
+            raise ConfigError("use_contrast", "at least one of use_ascent, use_distractors, use_contrast must be on")
+        if not isinstance(self.blocks, str) or not self.blocks.strip():
+            raise ConfigError("blocks", f"give a preset ({', '.join(BLOCK_PRESETS)}) or a regular expression")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+    @property
+    def block_pattern(self) -> str:
+        return BLOCK_PRESETS.get(self.blocks.strip(), self.blocks.strip())
+
+    def resolved_distractors(self) -> list[str]:
+        if self.distractors is not None:
+            return list(self.distractors)
+        return builtin_distractors(self.kind, self.concepts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EraseConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown setting; valid settings: {', '.join(sorted(names))}")
+        return cls(**data)
+
+
+def _clean_list(name: str, value, allow_empty: bool) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(name, f"must be a list of strings, got {value!r}")
+    if any(not v.strip() for v in value):
+        raise ConfigError(name, "an entry is empty or blank; remove it or write the concept's name")
+    out = list(dict.fromkeys(v.strip() for v in value))
+    if not out and not allow_empty:
+        raise ConfigError(name, "is empty; give at least one")
+    return out
+
+
+def _positive(name: str, v) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(name, f"must be a finite number > 0, got {v!r}")
