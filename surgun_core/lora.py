@@ -80,14 +80,15 @@ class LoRASet(nn.Module):
             layer = self.layer(name)
             device = next(mod.parameters()).device
             layer.to(device)
-            self._handles.append(mod.register_forward_hook(self._hook(layer)))
+            self._handles.append(mod.register_forward_hook(self._hook(layer), with_kwargs=True))
         return self
 
     def _hook(self, layer: LoRALayer):
-        def hook(_mod, args, out):
+        def hook(_mod, args, kwargs, out):
             if not self.enabled or self.strength == 0:
                 return out
-            return out + self.strength * layer(args[0])
+            x = args[0] if args else kwargs["input"]
+            return out + self.strength * layer(x)
 
         return hook
 
@@ -135,6 +136,7 @@ class LoraDelta:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     prefix: str = "lora_unet"
     metadata: dict[str, str] = field(default_factory=dict)
+    source: str = field(default="delta", repr=False, compare=False)  # the file it came from, for error messages
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {}
@@ -149,7 +151,9 @@ class LoraDelta:
         """Write atomically (temp file in the same folder, then rename): no half-written delta."""
         path = Path(path)
         if path.suffix != ".safetensors":
-            raise ConfigError("out", f"{path.name!r}: a delta file must end in .safetensors")
+            raise ConfigError(
+                "out", f"{str(path)!r}: a delta file must end in .safetensors; name it e.g. {path.stem}.safetensors"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -164,7 +168,7 @@ class LoraDelta:
     def load(cls, path: str | os.PathLike, module_names: list[str]) -> LoraDelta:
         """Read a kohya-keyed LoRA file for a model whose adaptable modules are `module_names`."""
         tensors, meta = read_safetensors(path)
-        return cls.from_state_dict(tensors, module_names, meta, source=str(path))
+        return cls.from_state_dict(tensors, module_names, meta, source=Path(path).name)
 
     @classmethod
     def from_state_dict(cls, sd, module_names, metadata=None, source="delta") -> LoraDelta:
@@ -172,13 +176,29 @@ class LoraDelta:
         for k, v in sd.items():
             suf = next((s for s in SUFFIXES if k.endswith(s)), None)
             if suf is None:
-                raise DeltaFormatError(f"{source}: key {k!r} is not a LoRA key (expected ...{'/'.join(SUFFIXES)})")
+                raise DeltaFormatError(
+                    f"{source}: key {k!r} is not a LoRA key (expected <name>{'|'.join(SUFFIXES)}); this is not a "
+                    "kohya LoRA file: give a delta saved by SurgUn or another kohya-format LoRA .safetensors"
+                )
             groups.setdefault(k[: -len(suf)], {})[suf] = v
         if not groups:
-            raise DeltaFormatError(f"{source}: holds no LoRA tensors")
-        prefixes = {re.match(r"(lora_[a-z]+?)_", k).group(1) for k in groups if re.match(r"lora_[a-z]+?_", k)}
+            raise DeltaFormatError(f"{source}: holds no LoRA tensors; give a delta saved by SurgUn")
+        # The prefix names the model part (lora_unet, lora_te, lora_te1, ...); kohya writes it before the
+        # module path, which itself contains '_', so take the shortest 'lora_<letters/digits>_' match.
+        prefixes = set()
+        for k in groups:
+            m = re.match(r"(lora_[a-z0-9]+?)_", k)
+            if m is None:
+                raise DeltaFormatError(
+                    f"{source}: key {k!r} lacks a kohya 'lora_<part>_' prefix (such as lora_unet_); "
+                    "give a kohya-format LoRA .safetensors"
+                )
+            prefixes.add(m.group(1))
         if len(prefixes) != 1:
-            raise DeltaFormatError(f"{source}: keys must share one 'lora_<part>_' prefix, found {sorted(prefixes)}")
+            raise DeltaFormatError(
+                f"{source}: keys must share one 'lora_<part>_' prefix, found {sorted(prefixes)}; SurgUn deltas "
+                "adapt one model part only"
+            )
         prefix = prefixes.pop()
         by_key = {kohya_key(prefix, n): n for n in module_names}
         weights = {}
@@ -196,20 +216,31 @@ class LoraDelta:
                 raise DeltaFormatError(f"{source}: {k} has inconsistent shapes {tuple(down.shape)} / {tuple(up.shape)}")
             alpha = float(parts[".alpha"]) if ".alpha" in parts else float(down.shape[0])
             weights[by_key[k]] = (down, up, alpha)
-        return cls(weights=weights, prefix=prefix, metadata=dict(metadata or {}))
+        return cls(weights=weights, prefix=prefix, metadata=dict(metadata or {}), source=source)
 
-    def check_shapes(self, modules: dict[str, nn.Linear], source: str = "delta") -> None:
+    def check_shapes(self, modules: dict[str, nn.Linear], source: str | None = None) -> None:
+        """Raise DeltaMismatchError unless every adapted module exists in `modules` with the same Linear shape."""
+        source = source or self.source
+        arch = self.metadata.get("modelspec.architecture", "unknown")
         for name, (down, up, _) in self.weights.items():
-            m = modules[name]
+            m = modules.get(name)
+            if m is None:
+                raise DeltaMismatchError(
+                    f"{source}: the model has no module {name!r}; the delta was made for architecture "
+                    f"{arch!r}. Apply it to the model it was trained on."
+                )
             if down.shape[1] != m.in_features or up.shape[0] != m.out_features:
                 raise DeltaMismatchError(
                     f"{source}: {name} expects a Linear {down.shape[1]}->{up.shape[0]} but the model has "
-                    f"{m.in_features}->{m.out_features}; this delta was trained on another model"
+                    f"{m.in_features}->{m.out_features}; this delta was trained on another model "
+                    f"(architecture {arch!r}): apply it to that one"
                 )
 
     def to_lora_set(self, modules: dict[str, nn.Linear], strength: float = 1.0) -> LoRASet:
         """LoRA layers holding this delta, for the named modules; attach() applies it at `strength`."""
         self.check_shapes(modules)
+        if not self.weights:
+            raise DeltaFormatError(f"{self.source}: holds no LoRA tensors; give a delta saved by SurgUn")
         first = next(iter(self.weights.values()))
         lset = LoRASet({n: modules[n] for n in self.weights}, rank=first[0].shape[0], alpha=first[2])
         for name, (down, up, alpha) in self.weights.items():
@@ -234,22 +265,30 @@ class LoraDelta:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a safetensors file, refusing pickles and broken files clearly."""
+    """Tensors and header metadata of a safetensors file, refusing pickles and broken files clearly.
+
+    Parsing a safetensors header never runs code, so the file is parsed first; only when that fails is it
+    sniffed for a pickle. (Sniffing first misread valid files: the first byte is the low byte of the header
+    length, which is 0x80 for one valid file in 32 since headers are padded to 8 bytes.)
+    """
     path = Path(path)
     if not path.is_file():
         raise DeltaFormatError(f"{path}: no such file; give the path of a .safetensors delta")
-    with path.open("rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise DeltaFormatError(
-            f"{path.name}: is a pickle (PyTorch .pt/.ckpt) file. SurgUn only loads .safetensors, because "
-            "pickles can run code when loaded; convert it with a tool you trust, or retrain the delta."
-        )
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        with path.open("rb") as f:
+            head = f.read(4)
+        # torch.save writes a zip archive (PK\x03\x04) since torch 1.6, a bare pickle (PROTO opcode 0x80 then
+        # the protocol number) before that.
+        if head == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+            raise DeltaFormatError(
+                f"{path.name}: is a pickle (PyTorch .pt/.ckpt) file, not safetensors. SurgUn only loads "
+                ".safetensors, because pickles can run code when loaded; convert it with a tool you trust, "
+                "or retrain the delta."
+            ) from e
         raise DeltaFormatError(
             f"{path.name}: not a readable safetensors file ({e}); it may be truncated: copy or download it again"
         ) from e

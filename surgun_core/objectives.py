@@ -73,16 +73,21 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 def objective_from_scheduler(scheduler_config: dict, prediction_type: str | None = None) -> Objective:
     """Build the objective a scheduler config describes (DDPM/DDIM-like or FlowMatch*)."""
     cls = str(scheduler_config.get("_class_name", ""))
-    ptype = prediction_type or ("flow" if "FlowMatch" in cls else scheduler_config.get("prediction_type", "epsilon"))
+    # FlowMatch* schedulers are flow by class; SANA's DPMSolverMultistepScheduler says so with
+    # prediction_type "flow_prediction" (and use_flow_sigmas, flow_shift).
+    flow = "FlowMatch" in cls or scheduler_config.get("use_flow_sigmas") is True
+    ptype = prediction_type or ("flow" if flow else scheduler_config.get("prediction_type", "epsilon"))
+    ptype = "flow" if ptype == "flow_prediction" else ptype
     if ptype not in PREDICTION_TYPES:
         raise ConfigError("prediction_type", f"unknown {ptype!r}; choose one of {', '.join(PREDICTION_TYPES)}")
     if ptype == "flow":
+        shift = scheduler_config.get("shift") if "FlowMatch" in cls else scheduler_config.get("flow_shift")
         return FlowObjective(
             num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
-            shift=float(scheduler_config.get("shift", 1.0)),
+            shift=float(shift if shift is not None else 1.0),
         )
     from diffusers import DDPMScheduler
 
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
     sched = DDPMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config})
     return DiffusionObjective(sched.alphas_cumprod.float(), ptype)

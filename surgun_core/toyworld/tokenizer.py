@@ -7,6 +7,7 @@ tokenize (to characters) instead of failing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import string
 from pathlib import Path
@@ -18,14 +19,14 @@ MAX_LENGTH = 16
 
 
 def _symbols(word: str) -> list[str]:
-    return list(word[:-1]) + [word[-1] + "</w>"]
+    return [*list(word[:-1]), word[-1] + "</w>"]
 
 
 def _bpe(syms: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE: repeatedly merge the adjacent pair of lowest rank."""
     syms = list(syms)
     while len(syms) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(syms, syms[1:]))]
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(syms))]
         rank, _ = min(pairs)
         if rank == 1 << 30:
             break

@@ -59,7 +59,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 200, floor: float = 
 def train_toy_model(
     out_dir: Path,
     work_dir: Path,
-    steps: int = 4000,
+    steps: int = 2000,
     batch: int = 64,
     seed: int = 0,
     lr: float = 1e-3,

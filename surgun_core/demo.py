@@ -1,0 +1,70 @@
+"""`surgun demo`: erase one toy-world concept, then show and measure what changed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .config import EraseConfig
+from .grid import before_after_grid, save_png
+from .io import write_json
+from .surgun import Cancel, Progress, erase
+from .toyworld import load_toy_backend, load_toy_classifier
+from .toyworld.evaluate import concept_kind, evaluate_erasure
+from .toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
+
+log = logging.getLogger(__name__)
+
+# The SurgUn recipe for the toy model (steps and lr sized for 2 CPU cores).
+TOY_RECIPE = dict(steps=200, lr=3e-3, rank=4, alpha=4.0, batch_size=8, images_per_concept=16, guidance=4.0)
+
+
+def toy_config(concept: str, **overrides) -> EraseConfig:
+    """EraseConfig for a toy concept: the other concepts of its kind are the distractors."""
+    kind = concept_kind(concept)
+    pool, templates = (SHAPES, OBJECT_TEMPLATES) if kind == "object" else (COLOURS, STYLE_TEMPLATES)
+    settings = dict(TOY_RECIPE, concepts=[concept], kind=kind, distractors=[c for c in pool if c != concept],
+                    templates=[t.replace("{s}", "{}").replace("{c}", "{}") for t in templates])  # fmt: skip
+    settings.update(overrides)
+    return EraseConfig(**settings)
+
+
+def run_demo(
+    concept: str = "circle",
+    out_dir: str | Path = "surgun-out",
+    json_path: str | Path | None = None,
+    seeds_per_pair: int = 8,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    **overrides,
+) -> dict:
+    """Erase `concept` from the shipped toy model; write the delta, a before/after grid and metrics JSON."""
+    cfg = toy_config(concept, **overrides)  # validates before any work
+    backend = load_toy_backend()
+    clf = load_toy_classifier()
+    result = erase(backend, cfg, progress=progress, cancel=cancel)
+    metrics, before, after = evaluate_erasure(backend, result.lora, clf, concept, seeds_per_pair)
+    out_dir = Path(out_dir)
+    delta_path = result.delta.save(out_dir / f"surgun-toy-{concept}.safetensors")
+    grid_path = out_dir / f"surgun-toy-{concept}-grid.png"
+    save_png(_demo_grid(before, after, concept), grid_path)
+    report = {"concept": concept, **metrics, "seconds": round(result.seconds, 2),
+              "peak_mem_mb": round(result.peak_mem_mb, 1), "steps": result.steps_done,
+              "delta": str(delta_path), "grid": str(grid_path)}  # fmt: skip
+    write_json(Path(json_path) if json_path else out_dir / f"surgun-toy-{concept}.json", report)
+    result.lora.detach()
+    return report
+
+
+def _demo_grid(before, after, concept: str):
+    """Rows: three prompts with the concept, then three without it; four seeds each."""
+    kind = concept_kind(concept)
+    uniq = list(dict.fromkeys(before.prompts[i] for i in range(len(before.prompts))))
+    with_c = [p for p in uniq if concept in p.split() and p.count(" ") == 2][:3]
+    without = [p for p in uniq if concept not in p.split() and p.count(" ") == 2]
+    without = without[:: max(1, len(without) // 3)][:3]
+    rows = []
+    for p in with_c + without:
+        idx = [i for i, q in enumerate(before.prompts) if q == p][:4]
+        rows.append((f"{p!r}" + ("  (erased)" if p in with_c else ""), before.images[idx], after.images[idx]))
+    return before_after_grid(rows, title=f"SurgUn: erase {concept!r} ({kind}) from the toy model")

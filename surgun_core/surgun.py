@@ -1,0 +1,213 @@
+"""The SurgUn erasure: the loss of DESIGN.md section 1 and its training loop.
+
+L_T = l(X_T, c_T)                    target images under the target prompt      (pushed up)
+L_D = l(X_D, c_T)                    distractor images under the TARGET prompt  (pushed down)
+L_C = log(L_D + d) - log(L_T + d)    log contrast: ascent whose push fades as L_T grows
+L_R = |f(x_t, t, c_R) - f0(x_t, t, c_R)|^2   retain anchor against the frozen model
+L   = -w_A L_T + w_D L_D + w_C L_C + w_R L_R   (each term switchable in EraseConfig)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__
+from .backends.base import Backend
+from .cache import ImageCache, default_cache_dir
+from .concepts import templates_for
+from .config import EraseConfig
+from .data import CondBank, generate_concept_images
+from .errors import Cancelled, ConfigError
+from .lora import LoraDelta, LoRASet
+
+log = logging.getLogger(__name__)
+
+# progress(phase, done, total, stats): phase is "images" (generating training images) or "train".
+Progress = Callable[[str, int, int, dict], None]
+Cancel = Callable[[], bool]
+
+
+@dataclass
+class EraseResult:
+    delta: LoraDelta
+    lora: LoRASet  # still attached to the backend's denoiser: the model is erased until lora.detach()
+    history: list[dict] = field(default_factory=list)
+    checkpoints: list[tuple[int, dict]] = field(default_factory=list)  # (step, LoRA state)
+    steps_done: int = 0
+    stopped: str | None = None  # why training ended early, if it did
+    seconds: float = 0.0
+    peak_mem_mb: float = 0.0
+
+
+def surgun_loss(cfg: EraseConfig, L_T, L_D, L_R):
+    """The SurgUn objective (DESIGN.md section 1). Returns (L, L_C)."""
+    d = cfg.contrast_delta
+    L_C = torch.log(L_D + d) - torch.log(L_T + d)
+    A, D, C, R = (float(on) for on in (cfg.use_ascent, cfg.use_distractors, cfg.use_contrast, cfg.use_retain))
+    L = -A * cfg.w_ascent * L_T + D * cfg.w_distract * L_D + C * cfg.w_contrast * L_C + R * cfg.w_retain * L_R
+    return L, L_C
+
+
+def erase(
+    backend: Backend,
+    cfg: EraseConfig,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    cache: ImageCache | None = None,
+) -> EraseResult:
+    """Train a SurgUn LoRA that erases cfg.concepts from `backend`'s model. Leaves it attached."""
+    t_start = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    progress = progress or (lambda *a: None)
+    cancel = cancel or (lambda: False)
+    cache = cache or ImageCache(default_cache_dir())
+    templates = cfg.templates or list(templates_for(cfg.kind))
+    distractors = cfg.resolved_distractors()
+    if cfg.use_distractors and not distractors:
+        raise ConfigError("distractors", "none left after removing the concepts; give at least one")
+    targets = backend.lora_targets(cfg.block_pattern)  # raises when the pattern matches nothing
+
+    # 1. Training images from the frozen model (cached per model fingerprint, prompt and seed).
+    def on_image(done: int, total: int) -> None:
+        _check(cancel)
+        progress("images", done, total, {})
+
+    def gen(names: list[str], seed_offset: int):
+        return generate_concept_images(backend, names, templates, cfg.images_per_concept, cfg.seed + seed_offset,
+                                       cfg.sample_steps, cfg.guidance, cache, on_image)  # fmt: skip
+
+    X_T = gen(cfg.concepts, 0)
+    X_D = gen(distractors, 1) if distractors else None
+    retain_prompts = cfg.retain_prompts or (X_D.prompts if X_D is not None else [])
+    X_R = None
+    if cfg.use_retain:
+        X_R = _retain_images(backend, cfg, cache) if cfg.retain_prompts else X_D
+        if X_R is None:
+            raise ConfigError("retain_prompts", "use_retain needs retain_prompts or distractors")
+    bank = CondBank(backend, X_T.prompts + (retain_prompts if cfg.use_retain else []))
+
+    # 2. LoRA on the chosen attention layers; the base stays frozen (no grads, no optimizer state).
+    lset = LoRASet(targets, cfg.rank, cfg.alpha).attach()
+    params = list(lset.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    dev = backend.device
+    result = EraseResult(delta=None, lora=lset)  # type: ignore[arg-type]
+    good = lset.snapshot()
+    B = cfg.batch_size
+    try:
+        for step in range(cfg.steps):
+            _check(cancel)
+            # target batch: target images with their own (target) prompts
+            it = torch.randint(0, len(X_T.prompts), (B,), generator=g)
+            x_T = X_T.x0[it].to(dev, backend.dtype)
+            c_T = bank.batch([X_T.prompts[i] for i in it])
+            t = backend.objective.sample_t(B, g)
+            L_T = backend.loss(x_T, c_T, torch.randn(x_T.shape, generator=g).to(x_T), t).mean()
+            L_D = torch.zeros((), device=dev)
+            if cfg.use_distractors or cfg.use_contrast:
+                # distractor batch: K distractors drawn afresh, their images under the TARGET prompts
+                k = min(cfg.distractors_per_step, len(X_D.names))
+                chosen = torch.randperm(len(X_D.names), generator=g)[:k]
+                pool = torch.cat([X_D.of(int(i)) for i in chosen])
+                idd = pool[torch.randint(0, len(pool), (B,), generator=g)]
+                x_D = X_D.x0[idd].to(dev, backend.dtype)
+                L_D = backend.loss(x_D, c_T, torch.randn(x_D.shape, generator=g).to(x_D), t).mean()
+            L_R = torch.zeros((), device=dev)
+            if cfg.use_retain:
+                ir = torch.randint(0, len(X_R.prompts), (B,), generator=g)
+                L_R = _retain_term(backend, lset, X_R.x0[ir].to(dev, backend.dtype),
+                                   bank.batch([X_R.prompts[i] for i in ir]), t, g)  # fmt: skip
+            L, L_C = surgun_loss(cfg, L_T, L_D, L_R)
+            if not torch.isfinite(L):
+                result.stopped = f"non-finite loss at step {step + 1}; kept the LoRA of step {step}"
+                log.warning(result.stopped)
+                lset.restore(good)
+                break
+            opt.zero_grad(set_to_none=True)
+            L.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            if not all(torch.isfinite(p).all() for p in params):
+                result.stopped = f"non-finite LoRA weights after step {step + 1}; kept the LoRA of step {step}"
+                log.warning(result.stopped)
+                lset.restore(good)
+                break
+            good = lset.snapshot()
+            result.steps_done = step + 1
+            stats = {"loss": L.item(), "L_T": L_T.item(), "L_D": L_D.item(), "L_C": L_C.item(), "L_R": L_R.item()}
+            result.history.append({"step": step + 1, **stats})
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                result.checkpoints.append((step + 1, good))
+            progress("train", step + 1, cfg.steps, stats)
+    except BaseException:
+        lset.detach()  # cancelled or failed: the model is left as it was
+        raise
+    if cfg.checkpoint_every and (not result.checkpoints or result.checkpoints[-1][0] != result.steps_done):
+        result.checkpoints.append((result.steps_done, lset.snapshot()))
+    result.seconds = time.time() - t_start
+    result.peak_mem_mb = peak_memory_mb(dev)
+    result.delta = lset.to_delta(backend.lora_prefix, delta_metadata(backend, cfg, distractors, result))
+    return result
+
+
+def _check(cancel: Cancel) -> None:
+    if cancel():
+        raise Cancelled("erase cancelled by the user; nothing was written")
+
+
+def _retain_term(backend, lset, x0, cond, t, g):
+    """|f(x_t, t, c_R) - f0(x_t, t, c_R)|^2: the LoRA must not change predictions on retain prompts."""
+    obj = backend.objective
+    x_t = obj.noisy(x0, torch.randn(x0.shape, generator=g).to(x0), t.to(x0.device))
+    tm = obj.model_time(t).to(x0.device)
+    with torch.no_grad(), lset.disabled():
+        ref = backend.predict(x_t, tm, cond).float()
+    return ((backend.predict(x_t, tm, cond).float() - ref) ** 2).mean()
+
+
+def _retain_images(backend, cfg, cache):
+    """Images for user-given retain prompts, each prompt taken literally (no templates)."""
+    return generate_concept_images(backend, cfg.retain_prompts, ["{}"], max(2, cfg.images_per_concept // 4),
+                                   cfg.seed + 2, cfg.sample_steps, cfg.guidance, cache)  # fmt: skip
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA; on CPU the process's peak resident set (a whole-process figure)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def delta_metadata(backend: Backend, cfg: EraseConfig, distractors: list[str], result: EraseResult) -> dict:
+    """Header metadata of the delta file (DESIGN.md section 4)."""
+    cfg_json = {k: v for k, v in cfg.to_dict().items() if k != "extra"}
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{backend.architecture}/lora",
+        "modelspec.title": "SurgUn erase: " + ", ".join(cfg.concepts),
+        "modelspec.description": "Concept erasure LoRA made by SurgUn (arXiv 2603.00975)",
+        "surgun.version": __version__,
+        "surgun.concepts": json.dumps(cfg.concepts),
+        "surgun.kind": cfg.kind,
+        "surgun.distractors": json.dumps(distractors),
+        "surgun.blocks": cfg.blocks,
+        "surgun.modules": json.dumps(sorted(result.lora.names)),
+        "surgun.steps": str(result.steps_done),
+        "surgun.step_chosen": str(result.steps_done),
+        "surgun.stopped": result.stopped or "",
+        "surgun.base_fingerprint": backend.fingerprint(),
+        "surgun.base_architecture": backend.architecture,
+        "surgun.config": json.dumps(cfg_json),
+        "surgun.final_loss": json.dumps(result.history[-1] if result.history else {}),
+        "surgun.extra": json.dumps(cfg.extra),
+        "surgun.seconds": f"{result.seconds:.1f}",
+    }

@@ -1,0 +1,64 @@
+"""EraseConfig validation: every bad input names its field and what to do."""
+
+import pytest
+
+from surgun_core.config import EraseConfig
+from surgun_core.errors import ConfigError
+
+
+def err(**kw) -> ConfigError:
+    kw.setdefault("concepts", ["circle"])
+    with pytest.raises(ConfigError) as e:
+        EraseConfig(**kw)
+    return e.value
+
+
+def test_defaults_and_cleaning():
+    cfg = EraseConfig(concepts=["  Van Gogh ", "Van Gogh"], kind="style")
+    assert cfg.concepts == ["Van Gogh"]
+    assert cfg.block_pattern == r"attn2\."
+    assert "Van Gogh" not in cfg.resolved_distractors() and len(cfg.resolved_distractors()) >= 8
+    assert EraseConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("concepts", [[], [""], ["   "], ["dog", " "], ""])
+def test_empty_or_blank_concept(concepts):
+    e = err(concepts=concepts)
+    assert e.field == "concepts" and ("empty" in str(e) or "blank" in str(e))
+
+
+def test_concept_as_its_own_distractor():
+    e = err(concepts=["Circle"], distractors=["square", "circle"])
+    assert e.field == "distractors" and "own distractor" in str(e)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("kind", "animal", "object, style"),
+        ("steps", 0, ">= 1"),
+        ("steps", 2.5, "whole number"),
+        ("rank", -1, ">= 1"),
+        ("lr", 0.0, "> 0"),
+        ("lr", float("nan"), "finite"),
+        ("w_distract", -1.0, ">= 0"),
+        ("precision", "float8", "float32, bfloat16, float16"),
+        ("blocks", "  ", "preset"),
+        ("templates", ["a photo"], "{}"),
+        ("checkpoint_every", -5, ">= 0"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, needle):
+    e = err(**{field: value})
+    assert e.field == field and needle in str(e)
+
+
+def test_all_terms_off_is_refused():
+    e = err(use_ascent=False, use_distractors=False, use_contrast=False)
+    assert e.field == "use_contrast"
+
+
+def test_unknown_setting_lists_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        EraseConfig.from_dict({"concepts": ["x"], "stepz": 3})
+    assert e.value.field == "stepz" and "steps" in str(e.value)

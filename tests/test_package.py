@@ -1,0 +1,41 @@
+"""Packaging rules: the core imports without ComfyUI/A1111/gradio; the ComfyUI entry imports cleanly;
+style is enforced by ruff from pyproject.toml; torch is never pinned."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_imports_without_front_ends():
+    code = (
+        "import sys; import surgun_core, surgun_core.surgun, surgun_core.cli, surgun_core.lora, "
+        "surgun_core.backends.diffusers, surgun_core.toyworld.evaluate, surgun_core.demo; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'gradio', 'modules')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_comfyui_entry_imports_without_comfyui():
+    spec = importlib.util.spec_from_file_location("surgun_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])  # fmt: skip
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.IN_COMFYUI is False
+
+
+def test_torch_declared_not_pinned():
+    py = (ROOT / "pyproject.toml").read_text()
+    assert '"torch>=2.1"' in py
+    req = (ROOT / "requirements.txt").read_text().lower()
+    assert not any(line.strip().startswith("torch") for line in req.splitlines())
+
+
+def test_ruff_lint_and_format():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    subprocess.run([ruff, "check", "."], check=True, cwd=ROOT)
+    subprocess.run([ruff, "format", "--check", "."], check=True, cwd=ROOT)
