@@ -17,7 +17,11 @@ log = logging.getLogger("surgun")
 class TqdmProgress:
     """progress(phase, done, total, stats) -> a tqdm bar per phase."""
 
-    LABELS: ClassVar[dict[str, str]] = {"images": "generating training images", "train": "erasing"}
+    LABELS: ClassVar[dict[str, str]] = {
+        "images": "generating training images",
+        "train": "erasing",
+        "evaluate": "sampling before/after",
+    }
 
     def __init__(self) -> None:
         self.bar, self.phase = None, None
@@ -101,17 +105,20 @@ def cmd_toy_train(a) -> int:
     from .toyworld.train import train_toy_model
 
     out = Path(a.out) if a.out else MODEL_DIR
+    torch.set_num_threads(a.threads)  # float results depend on the thread count; the shipped run used 1
     if a.classifier:
         log.info("training the ground-truth classifier")
         save_classifier(train_classifier(seed=a.seed), CLASSIFIER_FILE)
     staging = Path(a.work) / "model"
     train_toy_model(staging, Path(a.work), steps=a.steps, seed=a.seed)
+    tmp = out.with_name(f".{out.name}.tmp")  # swap in whole: never a half-copied model folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(staging, tmp)
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(staging, out)
+    tmp.rename(out)
     print(f"toy model written to {out}")
     if a.eval_seeds:
-        torch.manual_seed(0)
         return cmd_toy_eval(argparse.Namespace(seeds=a.eval_seeds, json=None, model=str(out)))
     return 0
 
@@ -168,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--work", default="toyworld-work", help="checkpoint folder; rerun to resume")
     tt.add_argument("--out", help="model folder to write (default: the shipped weights folder)")
+    tt.add_argument("--threads", type=int, default=1, help="CPU threads (the shipped weights used 1)")
     tt.add_argument("--classifier", action="store_true", help="also retrain the ground-truth classifier")
     tt.add_argument("--eval-seeds", type=int, default=16, help="seeds per pair for the accuracy table (0: skip)")
     tt.set_defaults(func=cmd_toy_train)

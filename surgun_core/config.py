@@ -15,7 +15,10 @@ from .errors import ConfigError
 
 Kind = Literal["object", "style"]
 BLOCK_PRESETS = {
-    "cross-attn": r"attn2\.",  # cross-attention: where the prompt enters (UNet)
+    # keys/values of cross-attention: the only attention weights that read the prompt, so a change there
+    # acts through the concept's tokens (the UCE/MACE observation); the default
+    "cross-attn-kv": r"attn2\.(to_k|to_v)$",
+    "cross-attn": r"attn2\.",  # all of cross-attention (q, k, v, out)
     "self-attn": r"attn1\.",
     "all-attn": r"(attn1|attn2)\.",
     "dit-attn": r"(attn1|attn2|attn)\.",  # DiT transformer blocks
@@ -36,7 +39,7 @@ class EraseConfig:
     lr: float = 2e-3
     rank: int = 4
     alpha: float = 4.0
-    blocks: str = "cross-attn"  # a preset name (BLOCK_PRESETS) or a regular expression over module names
+    blocks: str = "cross-attn-kv"  # a preset name (BLOCK_PRESETS) or a regular expression over module names
     batch_size: int = 8  # target images per step (as many distractor images)
     distractors_per_step: int = 4
     images_per_concept: int = 16  # training images the frozen model generates per concept
@@ -46,12 +49,13 @@ class EraseConfig:
     use_ascent: bool = False  # plain (unbounded) ascent on L_T; off by default, L_C already ascends
     use_distractors: bool = True
     use_contrast: bool = True
-    use_retain: bool = False
+    use_retain: bool = True
     w_ascent: float = 1.0
     w_distract: float = 1.0
-    w_contrast: float = 0.5
-    w_retain: float = 1.0
+    w_contrast: float = 0.1
+    w_retain: float = 100.0  # prediction MSE is small next to the log terms; this balances them
     contrast_delta: float = 0.01
+    contrast_cap: float | None = 0.5  # stop the contrast's ascent once L_T >= e^cap * L_D (None: never)
     max_grad_norm: float = 1.0
     seed: int = 0
     checkpoint_every: int = 0  # keep the LoRA every N steps (0: final only); calibration scores them
@@ -84,6 +88,8 @@ class EraseConfig:
                 raise ConfigError(name, f"must be a whole number >= 1, got {v!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ConfigError("checkpoint_every", f"must be a whole number >= 0, got {self.checkpoint_every!r}")
+        if self.contrast_cap is not None:
+            _positive("contrast_cap", self.contrast_cap)
         for name in ("lr", "alpha", "contrast_delta"):
             _positive(name, getattr(self, name))
         for name in ("w_ascent", "w_distract", "w_contrast", "w_retain", "max_grad_norm", "guidance"):

@@ -16,7 +16,7 @@ from .toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
 log = logging.getLogger(__name__)
 
 # The SurgUn recipe for the toy model (steps and lr sized for 2 CPU cores).
-TOY_RECIPE = dict(steps=200, lr=3e-3, rank=4, alpha=4.0, batch_size=8, images_per_concept=16, guidance=4.0)
+TOY_RECIPE = dict(steps=200, lr=6e-3, rank=4, alpha=4.0, batch_size=8, images_per_concept=16, guidance=4.0)
 
 
 def toy_config(concept: str, **overrides) -> EraseConfig:
@@ -43,7 +43,8 @@ def run_demo(
     backend = load_toy_backend()
     clf = load_toy_classifier()
     result = erase(backend, cfg, progress=progress, cancel=cancel)
-    metrics, before, after = evaluate_erasure(backend, result.lora, clf, concept, seeds_per_pair)
+    on_batch = progress and (lambda d, n: progress("evaluate", d, n, {}))
+    metrics, before, after = evaluate_erasure(backend, result.lora, clf, concept, seeds_per_pair, on_batch=on_batch)
     out_dir = Path(out_dir)
     delta_path = result.delta.save(out_dir / f"surgun-toy-{concept}.safetensors")
     grid_path = out_dir / f"surgun-toy-{concept}-grid.png"

@@ -50,6 +50,8 @@ def surgun_loss(cfg: EraseConfig, L_T, L_D, L_R):
     """The SurgUn objective (DESIGN.md section 1). Returns (L, L_C)."""
     d = cfg.contrast_delta
     L_C = torch.log(L_D + d) - torch.log(L_T + d)
+    if cfg.contrast_cap is not None:  # the target has lost once L_T >= e^cap * L_D: stop pushing it further
+        L_C = L_C.clamp(min=-cfg.contrast_cap)
     A, D, C, R = (float(on) for on in (cfg.use_ascent, cfg.use_distractors, cfg.use_contrast, cfg.use_retain))
     L = -A * cfg.w_ascent * L_T + D * cfg.w_distract * L_D + C * cfg.w_contrast * L_C + R * cfg.w_retain * L_R
     return L, L_C

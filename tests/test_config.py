@@ -16,7 +16,7 @@ def err(**kw) -> ConfigError:
 def test_defaults_and_cleaning():
     cfg = EraseConfig(concepts=["  Van Gogh ", "Van Gogh"], kind="style")
     assert cfg.concepts == ["Van Gogh"]
-    assert cfg.block_pattern == r"attn2\."
+    assert cfg.block_pattern == r"attn2\.(to_k|to_v)$"
     assert "Van Gogh" not in cfg.resolved_distractors() and len(cfg.resolved_distractors()) >= 8
     assert EraseConfig.from_dict(cfg.to_dict()) == cfg
 

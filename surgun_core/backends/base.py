@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -80,6 +80,7 @@ class Backend(ABC):
         steps: int = 20,
         guidance: float | None = None,
         batch_size: int = 64,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """x0 (latents, or pixels in [-1, 1]) for each (prompt, seed); deterministic per seed."""
         if len(prompts) != len(seeds):
@@ -100,11 +101,14 @@ class Backend(ABC):
                                 self.objective.prediction_type, steps, g,
                                 clip=1.0 if self.pixel_space else None)  # fmt: skip
             out.append(x.float().cpu())
+            if on_batch is not None:
+                on_batch(min(i + batch_size, len(prompts)), len(prompts))
         return torch.cat(out)
 
-    def generate(self, prompts: list[str], seeds: Sequence[int], steps: int = 20, guidance=None) -> torch.Tensor:
+    def generate(self, prompts: list[str], seeds: Sequence[int], steps: int = 20, guidance=None,
+                 on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:  # fmt: skip
         """Decoded images (B, 3, H, W) in [0, 1]."""
-        x = self.sample(prompts, seeds, steps, guidance)
+        x = self.sample(prompts, seeds, steps, guidance, on_batch=on_batch)
         return torch.cat([self.decode(x[i : i + 16].to(self.device)).float().cpu() for i in range(0, len(x), 16)])
 
     def attention_linears(self) -> dict[str, nn.Linear]:

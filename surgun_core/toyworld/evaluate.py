@@ -49,9 +49,9 @@ def toy_prompts(seeds_per_pair: int, templates=(EVAL_TEMPLATE,), seed0: int = 10
     return rows
 
 
-def generate_toy(backend: Backend, rows, steps: int = 20, guidance: float | None = None) -> ToyImages:
+def generate_toy(backend: Backend, rows, steps: int = 20, guidance: float | None = None, on_batch=None) -> ToyImages:
     shapes, colours, seeds, prompts = (list(x) for x in zip(*rows))
-    images = backend.generate(prompts, seeds, steps, guidance)
+    images = backend.generate(prompts, seeds, steps, guidance, on_batch=on_batch)
     return ToyImages(shapes, colours, seeds, prompts, images)
 
 
@@ -89,7 +89,8 @@ def lora_off(lora):
 
 
 def evaluate_erasure(backend: Backend, lora, clf: ToyClassifier, concept: str, seeds_per_pair: int = 8,
-                     steps: int = 20, guidance: float | None = None, heldout: bool = True):  # fmt: skip
+                     steps: int = 20, guidance: float | None = None, heldout: bool = True,
+                     on_batch=None):  # fmt: skip
     """Generate before (LoRA off) and after (LoRA on) for every pair; return (metrics, before, after).
 
     With heldout=True the rows also use the phrasings never seen in training, so a leak through new
@@ -97,9 +98,10 @@ def evaluate_erasure(backend: Backend, lora, clf: ToyClassifier, concept: str, s
     """
     templates = (EVAL_TEMPLATE, *HELDOUT_TEMPLATES) if heldout else (EVAL_TEMPLATE,)
     rows = toy_prompts(seeds_per_pair, templates)
+    n = len(rows)
     with lora_off(lora):
-        before = generate_toy(backend, rows, steps, guidance)
-    after = generate_toy(backend, rows, steps, guidance)
+        before = generate_toy(backend, rows, steps, guidance, on_batch and (lambda d, _: on_batch(d, 2 * n)))
+    after = generate_toy(backend, rows, steps, guidance, on_batch and (lambda d, _: on_batch(n + d, 2 * n)))
     return erase_metrics(before, after, clf, concept), before, after
 
 
