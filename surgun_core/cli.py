@@ -187,9 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """The command shows its own bars; hide transformers'/diffusers' per-file loading bars and notices."""
+    from diffusers.utils import logging as dl
+    from transformers.utils import logging as tl
+
+    for lib in (dl, tl):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not a.verbose:
+        _quiet_libraries()
     try:
         return a.func(a)
     except SurgUnError as e:

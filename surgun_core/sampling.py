@@ -62,12 +62,7 @@ def ddim_sample(
         a_t = alphas[t].to(x)
         a_prev = alphas[ts[i + 1]].to(x) if i + 1 < len(ts) else torch.ones((), dtype=x.dtype)
         tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-        if guidance != 1.0:
-            both = predict(torch.cat([x, x]), torch.cat([tt, tt]), _cat_cond(uncond, cond))
-            p_u, p_c = both.chunk(2)
-            pred = p_u + guidance * (p_c - p_u)
-        else:
-            pred = predict(x, tt, cond)
+        pred = _guided(predict, x, tt, cond, uncond, guidance)
         x0 = x0_from_prediction(pred, x, a_t, prediction_type)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
@@ -94,14 +89,17 @@ def flow_sample(
     for i in range(steps):
         s, s_next = float(sig[i]), float(sig[i + 1])
         tt = torch.full((x.shape[0],), s * num_train_timesteps, dtype=x.dtype, device=x.device)
-        if guidance != 1.0:
-            both = predict(torch.cat([x, x]), torch.cat([tt, tt]), _cat_cond(uncond, cond))
-            v_u, v_c = both.chunk(2)
-            v = v_u + guidance * (v_c - v_u)
-        else:
-            v = predict(x, tt, cond)
+        v = _guided(predict, x, tt, cond, uncond, guidance)
         x = x + (s_next - s) * v
     return x
+
+
+def _guided(predict: Predict, x, t, cond, uncond, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + g * (cond - uncond), both halves in one batch."""
+    if guidance == 1.0:
+        return predict(x, t, cond)
+    p_u, p_c = predict(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(uncond, cond)).chunk(2)
+    return p_u + guidance * (p_c - p_u)
 
 
 def _cat_cond(a, b):

@@ -19,15 +19,6 @@ from surgun_core.errors import ConfigError, DeltaFormatError, DeltaMismatchError
 from surgun_core.lora import LoraDelta, LoRASet, kohya_key, read_safetensors
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a loaded 2-core machine two threads make these tiny models ~100x slower."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 class TinyA(nn.Module):
     """Module names shaped like a UNet's attention layers (dots, digits, underscores, to_out.0)."""
 

@@ -9,7 +9,7 @@ from surgun_core.demo import run_demo, toy_config
 from surgun_core.errors import Cancelled, ConfigError
 from surgun_core.lora import LoraDelta
 from surgun_core.surgun import erase
-from surgun_core.toyworld.evaluate import evaluate_erasure
+from surgun_core.toyworld.evaluate import erase_metrics, evaluate_erasure
 
 
 @pytest.mark.slow
@@ -17,9 +17,9 @@ from surgun_core.toyworld.evaluate import evaluate_erasure
 def test_erase_drops_target_and_keeps_the_rest(toy_backend, toy_classifier, concept):
     result = erase(toy_backend, toy_config(concept, steps=120))
     try:
-        m, _, _ = evaluate_erasure(toy_backend, result.lora, toy_classifier, concept, seeds_per_pair=4,
-                                            heldout=False)  # fmt: skip
-        base, _, _ = evaluate_erasure(toy_backend, None, toy_classifier, concept, seeds_per_pair=4, heldout=False)
+        m, before, _ = evaluate_erasure(toy_backend, result.lora, toy_classifier, concept, seeds_per_pair=4,
+                                        heldout=False)  # fmt: skip
+        base = erase_metrics(before, before, toy_classifier, concept)  # the base model judged the same way
     finally:
         result.lora.detach()
     # base: the concept is drawn (UA low); erased: it is not (UA high), others hold

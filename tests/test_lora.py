@@ -12,15 +12,6 @@ from surgun_core.errors import ConfigError
 from surgun_core.lora import LoraDelta, LoRALayer, LoRASet
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a loaded 2-core machine two threads make these tiny models ~100x slower."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 class Tiny(nn.Module):
     """Three Linear layers of different shapes (transposes show up), with dotted names like a UNet's."""
 
