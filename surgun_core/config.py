@@ -44,6 +44,7 @@ class EraseConfig:
     distractors_per_step: int = 4
     images_per_concept: int = 16  # training images the frozen model generates per concept
     sample_steps: int = 20
+    sample_batch_size: int = 8  # images per sampler call while generating training images (GPU memory)
     guidance: float = 5.0
     # The SurgUn loss: L = -w_ascent*L_T + w_distract*L_D + w_contrast*L_C + w_retain*L_R (DESIGN.md s.1).
     use_ascent: bool = False  # plain (unbounded) ascent on L_T; off by default, L_C already ascends
@@ -82,7 +83,15 @@ class EraseConfig:
                 raise ConfigError("templates", f"{bad[0]!r} must contain exactly one '{{}}' where the concept goes")
         if self.retain_prompts is not None:
             self.retain_prompts = _clean_list("retain_prompts", self.retain_prompts, allow_empty=True)
-        for name in ("steps", "rank", "batch_size", "distractors_per_step", "images_per_concept", "sample_steps"):
+        for name in (
+            "steps",
+            "rank",
+            "batch_size",
+            "distractors_per_step",
+            "images_per_concept",
+            "sample_steps",
+            "sample_batch_size",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a whole number >= 1, got {v!r}")

@@ -38,6 +38,7 @@ def generate_concept_images(
     guidance: float,
     cache: ImageCache,
     on_image: Callable[[int, int], None] | None = None,
+    batch_size: int = 8,
 ) -> ConceptImages:
     """`per_concept` images of each concept, cycling through the templates, seeds derived from `seed`."""
     fp = backend.fingerprint()
@@ -52,10 +53,10 @@ def generate_concept_images(
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     if todo:
         log.info("generating %d training images with the frozen model (%d cached)", len(todo), len(keys) - len(todo))
-    chunk = 32
+    chunk = batch_size  # images per sampler call: bounds GPU memory (x2 with guidance)
     for start in range(0, len(todo), chunk):
         idx = todo[start : start + chunk]
-        x = backend.sample([prompts[i] for i in idx], [seeds[i] for i in idx], steps, guidance)
+        x = backend.sample([prompts[i] for i in idx], [seeds[i] for i in idx], steps, guidance, batch_size=chunk)
         for i, xi in zip(idx, x):
             cache.put(keys[i], xi)
         if on_image is not None:

@@ -16,7 +16,8 @@ from .toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
 log = logging.getLogger(__name__)
 
 # The SurgUn recipe for the toy model (steps and lr sized for 2 CPU cores).
-TOY_RECIPE = dict(steps=200, lr=6e-3, rank=4, alpha=4.0, batch_size=8, images_per_concept=16, guidance=4.0)
+TOY_RECIPE = dict(steps=200, lr=6e-3, rank=4, alpha=4.0, batch_size=8, images_per_concept=16, guidance=4.0,
+                  sample_batch_size=64)  # fmt: skip
 
 
 def toy_config(concept: str, **overrides) -> EraseConfig:

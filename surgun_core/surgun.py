@@ -2,7 +2,8 @@
 
 L_T = l(X_T, c_T)                    target images under the target prompt      (pushed up)
 L_D = l(X_D, c_T)                    distractor images under the TARGET prompt  (pushed down)
-L_C = log(L_D + d) - log(L_T + d)    log contrast: ascent whose push fades as L_T grows
+L_C = max(log(L_D + d) - log(L_T + d), -cap)   log contrast: ascent whose push fades as L_T grows, and
+                                     stops once the target has lost the competition (L_T >= e^cap * L_D)
 L_R = |f(x_t, t, c_R) - f0(x_t, t, c_R)|^2   retain anchor against the frozen model
 L   = -w_A L_T + w_D L_D + w_C L_C + w_R L_R   (each term switchable in EraseConfig)
 """
@@ -29,7 +30,8 @@ from .lora import LoraDelta, LoRASet
 
 log = logging.getLogger(__name__)
 
-# progress(phase, done, total, stats): phase is "images" (generating training images) or "train".
+# progress(phase, done, total, stats): phase is "images" (generating training images) or "train"
+# (front ends may add their own, such as "evaluate").
 Progress = Callable[[str, int, int, dict], None]
 Cancel = Callable[[], bool]
 
@@ -73,7 +75,7 @@ def erase(
     cache = cache or ImageCache(default_cache_dir())
     templates = cfg.templates or list(templates_for(cfg.kind))
     distractors = cfg.resolved_distractors()
-    if cfg.use_distractors and not distractors:
+    if (cfg.use_distractors or cfg.use_contrast) and not distractors:
         raise ConfigError("distractors", "none left after removing the concepts; give at least one")
     targets = backend.lora_targets(cfg.block_pattern)  # raises when the pattern matches nothing
 
@@ -83,8 +85,10 @@ def erase(
         progress("images", done, total, {})
 
     def gen(names: list[str], seed_offset: int):
-        return generate_concept_images(backend, names, templates, cfg.images_per_concept, cfg.seed + seed_offset,
-                                       cfg.sample_steps, cfg.guidance, cache, on_image)  # fmt: skip
+        return generate_concept_images(
+            backend, names, templates, cfg.images_per_concept, cfg.seed + seed_offset, cfg.sample_steps,
+            cfg.guidance, cache, on_image, cfg.sample_batch_size,
+        )  # fmt: skip
 
     X_T = gen(cfg.concepts, 0)
     X_D = gen(distractors, 1) if distractors else None
@@ -179,7 +183,8 @@ def _retain_term(backend, lset, x0, cond, t, g):
 def _retain_images(backend, cfg, cache):
     """Images for user-given retain prompts, each prompt taken literally (no templates)."""
     return generate_concept_images(backend, cfg.retain_prompts, ["{}"], max(2, cfg.images_per_concept // 4),
-                                   cfg.seed + 2, cfg.sample_steps, cfg.guidance, cache)  # fmt: skip
+                                   cfg.seed + 2, cfg.sample_steps, cfg.guidance, cache,
+                                   batch_size=cfg.sample_batch_size)  # fmt: skip
 
 
 def peak_memory_mb(device: torch.device) -> float:
