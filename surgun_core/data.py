@@ -41,7 +41,7 @@ def generate_concept_images(
     batch_size: int = 8,
 ) -> ConceptImages:
     """`per_concept` images of each concept, cycling through the templates, seeds derived from `seed`."""
-    fp = backend.fingerprint()
+    fp = f"{backend.fingerprint()}/{backend.sampler_id()}"
     prompts, seeds, owner = [], [], []
     for ci, c in enumerate(concepts):
         ps = expand(templates, c)

@@ -47,6 +47,11 @@ class Backend(ABC):
     pixel_space: bool = False  # True when the model denoises pixels directly (the toy world)
     default_guidance: float = 5.0
 
+    def sampler_id(self) -> str:
+        """Names the sampler that draws training images; part of the image-cache key, since two samplers
+        give slightly different images from the same model, prompt and seed."""
+        return "surgun-flow-euler" if isinstance(self.objective, FlowObjective) else "surgun-ddim"
+
     @abstractmethod
     def encode(self, prompts: list[str]) -> Cond:
         """Text conditioning for each prompt."""
