@@ -1,8 +1,8 @@
 """ComfyUI entry point of the SurgUn node pack.
 
 ComfyUI imports this file from custom_nodes/. Outside ComfyUI (tests, pip installs, A1111) nothing
-ComfyUI-specific is imported, so the repository root imports cleanly without ComfyUI. The V3 nodes
-(issue 3) hook in here behind the same guard.
+ComfyUI-specific is imported, so the repository root imports cleanly without ComfyUI. Inside ComfyUI the
+V3 extension is exposed through `comfy_entrypoint` (no NODE_CLASS_MAPPINGS: if both exist, V1 wins).
 """
 
 try:
@@ -11,5 +11,8 @@ except ImportError:  # not inside ComfyUI
     IN_COMFYUI = False
 else:
     IN_COMFYUI = True
+
+if IN_COMFYUI:
+    from .nodes.extension import comfy_entrypoint  # noqa: F401
 
 WEB_DIRECTORY = "./web"

@@ -1,0 +1,218 @@
+"""The ComfyUI backend: a Backend over a ComfyUI MODEL (ModelPatcher) and CLIP (DESIGN.md sections 2 and 5).
+
+Imported only inside ComfyUI (it imports comfy at the top); no other module of surgun_core imports it.
+
+- Noise levels: t IS sigma, drawn from the model's own model_sampling.sigmas (uniform over the training
+  timesteps for discrete models, over the shifted schedule for flow models); x_t = noise_scaling(sigma,
+  eps, x0) and the x0 prediction comes from BaseModel.apply_model, so EPS, V_PREDICTION and CONST (flow)
+  models share one path.
+- predict() returns (x_t - x0_hat) / sigma: for EPS models that is eps_hat, for CONST (flow) models the
+  velocity eps - x0, i.e. each family's own training target (for V_PREDICTION models it is eps_hat, the
+  v loss up to a per-sigma weight). So Backend.loss is the model's own loss l(x0, c) of DESIGN.md s.1.
+- LoRA: the core's LoRASet forward hooks on the diffusion model's attention Linear layers. comfy.ops
+  layers are nn.Linear subclasses whose forward may bypass nn.Linear.forward (forward_comfy_cast_weights),
+  but module hooks run around any forward, so the same adapters train plain and comfy.ops layers alike.
+- Training images: ComfyUI's own sampler (comfy.sample.sample), seeded per image by the core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import comfy.lora
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import torch
+from torch import nn
+
+from ..errors import DeltaMismatchError, SurgUnError
+from ..lora import LoraDelta
+from ..sampling import seeded_noise
+from .base import Backend, Cond, cond_cat
+
+log = logging.getLogger(__name__)
+
+# modelspec.architecture per ComfyUI model config class (comfy/supported_models.py)
+ARCHITECTURES = {
+    "SD15": "stable-diffusion-v1",
+    "SD20": "stable-diffusion-v2-768-v",
+    "SDXL": "stable-diffusion-xl-v1-base",
+    "SD3": "stable-diffusion-3-medium",
+    "Flux": "flux-1-dev",
+    "FluxSchnell": "flux-1-schnell",
+}
+# default training-image size (pixels) per ComfyUI model config class
+IMAGE_SIZES = {"SD15": 512, "SD20": 768, "SDXL": 1024, "SD3": 1024, "Flux": 1024, "FluxSchnell": 1024}
+
+
+class SigmaObjective:
+    """Noising and targets from a ComfyUI model_sampling object; t is sigma throughout."""
+
+    def __init__(self, model_sampling) -> None:
+        self.ms = model_sampling
+        self.flow = isinstance(model_sampling, comfy.model_sampling.CONST)
+        self.prediction_type = "flow" if self.flow else "epsilon"
+        self.sigmas = model_sampling.sigmas.detach().float().cpu()
+
+    def sample_t(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sigmas[torch.randint(0, len(self.sigmas), (n,), generator=generator)]
+
+    def noisy(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.ms.noise_scaling(t.to(x0.device, torch.float32), eps, x0)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return eps - x0 if self.flow else eps
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class ComfyBackend(Backend):
+    """A ComfyUI MODEL + CLIP. `architecture` overrides the name written into delta metadata."""
+
+    def __init__(self, model, clip, architecture: str | None = None, image_size: int | None = None,
+                 sampler_name: str = "ddim", scheduler: str = "ddim_uniform") -> None:  # fmt: skip
+        if clip is None:
+            raise SurgUnError("SurgUn needs the CLIP of the model to encode prompts; connect the CLIP output too")
+        self.patcher = model
+        self.clip = clip
+        self.base = model.model
+        self.denoiser = self.base.diffusion_model
+        self.objective = SigmaObjective(model.get_model_object("model_sampling"))
+        self.device = model.load_device
+        self.dtype = torch.float32  # inputs; apply_model casts to the weights' dtype itself
+        fmt = self.base.latent_format
+        self.pixel_space = fmt.latent_channels == 3 and getattr(fmt, "scale_factor", 1.0) == 1.0
+        cfg_name = type(self.base.model_config).__name__
+        self.architecture = architecture or ARCHITECTURES.get(cfg_name, f"comfyui-{cfg_name.lower()}")
+        self.lora_prefix = "lora_unet"  # the prefix comfy.lora.model_lora_keys_unet maps for every family
+        self.sampler_name, self.scheduler = sampler_name, scheduler
+        size = image_size or IMAGE_SIZES.get(cfg_name)
+        if not size:
+            raise SurgUnError(f"SurgUn does not know the image size of {cfg_name} models; pass image_size")
+        self.image_size = size
+        self._ratio = 1 if self.pixel_space else 8  # pixels per latent cell (SD, SDXL, SD3, Flux VAEs: 8)
+        self._latent_shape = (fmt.latent_channels, size // self._ratio, size // self._ratio)
+
+    # ---- Backend ----------------------------------------------------------------------------------------
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self._latent_shape
+
+    def encode(self, prompts: list[str]) -> Cond:
+        """Per prompt: CLIP conditioning turned into the model's own inputs (c_crossattn, SDXL's y, ...)."""
+        out = []
+        for p in prompts:
+            cond, extra = self._clip_encode(p)
+            c, h, w = self._latent_shape
+            kw = {"cross_attn": cond, "pooled_output": extra.get("pooled_output"), "device": self.device,
+                  "noise": torch.zeros(1, c, h, w), "width": self.image_size, "height": self.image_size}  # fmt: skip
+            kw.update({k: v for k, v in extra.items() if k != "pooled_output"})
+            conds = self.base.extra_conds(**kw)
+            out.append({k: v.cond.to(self.device) for k, v in conds.items() if isinstance(v.cond, torch.Tensor)})
+        return cond_cat(out)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        sigma = t.to(x_t.device, torch.float32).expand(x_t.shape[0])  # (B,)
+        kw = {k: v for k, v in cond.items() if k != "c_crossattn"}
+        opts = self.patcher.model_options.get("transformer_options", {})
+        x0_hat = self.base.apply_model(x_t, sigma, c_crossattn=cond.get("c_crossattn"), transformer_options=opts, **kw)
+        return (x_t.float() - x0_hat.float()) / sigma.view(-1, *([1] * (x_t.dim() - 1)))
+
+    @torch.no_grad()
+    def sampler_id(self) -> str:
+        return f"comfy-{self.sampler_name}-{self.scheduler}"
+
+    def sample(self, prompts, seeds: Sequence[int], steps: int = 20, guidance: float | None = None,
+               batch_size: int = 64, on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:  # fmt: skip
+        """x0 in model space for each (prompt, seed), through ComfyUI's own sampler."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        g = self.default_guidance if guidance is None else guidance
+        neg_c, neg_x = self._clip_encode("")
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            p, s = prompts[i : i + batch_size], list(seeds[i : i + batch_size])
+            pos = [self._clip_encode(q) for q in p]
+            positive = [[torch.cat([c for c, _ in pos]), _cat_extra([x for _, x in pos])]]
+            negative = [[neg_c.repeat(len(p), 1, 1), _cat_extra([neg_x] * len(p))]]
+            noise = seeded_noise(s, self._latent_shape, torch.device("cpu"), torch.float32)
+            latent = torch.zeros_like(noise)
+            x = comfy.sample.sample(self.patcher, noise, steps, g, self.sampler_name, self.scheduler, positive,
+                                    negative, latent, disable_pbar=True, seed=s[0])  # fmt: skip
+            out.append(self.base.process_latent_in(x).float().cpu())
+            if on_batch is not None:
+                on_batch(min(i + batch_size, len(prompts)), len(prompts))
+        return torch.cat(out)
+
+    def _clip_encode(self, prompt: str) -> tuple[torch.Tensor, dict]:
+        (cond, extra), *rest = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
+        if rest:
+            log.debug("scheduled conditioning: only its first entry is used for training")
+        return cond, extra
+
+    # ---- training inside ComfyUI ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Load the model fully onto its device, then leave inference mode with trainable frozen weights.
+
+        ComfyUI runs every node under torch.inference_mode(); weights created there are inference tensors,
+        which autograd refuses to save for backward. Such weights are replaced by normal copies (same
+        values); ModelPatcher still restores its backups on unpatch, so nothing else changes.
+        """
+        mm = comfy.model_management
+        try:
+            mm.load_models_gpu([self.patcher], force_full_load=True)
+        except TypeError:  # force_full_load appeared in Dec 2025
+            mm.load_models_gpu([self.patcher])
+        with torch.inference_mode(False):
+            _normal_parameters(self.denoiser)
+            yield
+
+
+def _cat_extra(extras: list[dict]) -> dict:
+    """Concatenate the tensor entries (pooled_output, ...) of several conditionings' option dicts."""
+    out = dict(extras[0])
+    for k, v in extras[0].items():
+        if isinstance(v, torch.Tensor):
+            out[k] = torch.cat([e[k] for e in extras])
+    return out
+
+
+def _normal_parameters(module: nn.Module) -> None:
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.is_inference():
+                mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_inference():
+                mod._buffers[name] = b.clone()
+
+
+# ---- deltas through ComfyUI's own LoRA patching -------------------------------------------------------------
+
+
+def delta_patches(model, sd: dict[str, torch.Tensor], source: str = "delta") -> dict:
+    """ComfyUI weight patches for a kohya LoRA state dict; every key must map to a module of `model`."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    groups = {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in sd}
+    missing = sorted(g for g in groups if g not in key_map)
+    if missing:
+        raise DeltaMismatchError(
+            f"{source}: {len(missing)} of {len(groups)} LoRA modules match nothing in this model "
+            f"(first: {missing[0]!r}); the delta was made for another model: apply it to the model it was trained on"
+        )
+    return comfy.lora.load_lora(sd, key_map, log_missing=False)
+
+
+def apply_delta(model, delta: LoraDelta | dict, strength: float = 1.0, source: str | None = None):
+    """A clone of `model` with the delta added as ComfyUI LoRA patches (stacks with other LoRAs)."""
+    sd = delta.state_dict() if isinstance(delta, LoraDelta) else delta
+    patches = delta_patches(model, sd, source or getattr(delta, "source", "delta"))
+    new = model.clone()
+    new.add_patches(patches, strength)
+    return new
