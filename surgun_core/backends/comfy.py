@@ -122,10 +122,10 @@ class ComfyBackend(Backend):
         x0_hat = self.base.apply_model(x_t, sigma, c_crossattn=cond.get("c_crossattn"), transformer_options=opts, **kw)
         return (x_t.float() - x0_hat.float()) / sigma.view(-1, *([1] * (x_t.dim() - 1)))
 
-    @torch.no_grad()
     def sampler_id(self) -> str:
         return f"comfy-{self.sampler_name}-{self.scheduler}"
 
+    @torch.no_grad()
     def sample(self, prompts, seeds: Sequence[int], steps: int = 20, guidance: float | None = None,
                batch_size: int = 64, on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:  # fmt: skip
         """x0 in model space for each (prompt, seed), through ComfyUI's own sampler."""
