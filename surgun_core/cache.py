@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .io import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +53,5 @@ class ImageCache:
         x0 = x0.detach().cpu().contiguous()
         self._mem[key] = x0
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{key}.{os.getpid()}.tmp"
-            save_file({"x0": x0}, str(tmp))
-            os.replace(tmp, self.folder / f"{key}.safetensors")
+            with atomic_path(self.folder / f"{key}.safetensors") as tmp:
+                save_file({"x0": x0}, str(tmp))

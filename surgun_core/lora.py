@@ -23,6 +23,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .errors import ConfigError, DeltaFormatError, DeltaMismatchError
+from .io import atomic_path
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -154,14 +155,9 @@ class LoraDelta:
             raise ConfigError(
                 "out", f"{str(path)!r}: a delta file must end in .safetensors; name it e.g. {path.stem}.safetensors"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             save_file(self.state_dict(), str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -113,9 +113,6 @@ class DiffusersBackend(Backend):
             img = self.vae.decode(z, return_dict=False)[0]
         return ((img.float() + 1) / 2).clamp(0, 1)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return []
-
 
 def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Move to device; cast only when the dtype differs (diffusers warns on any cast)."""

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from ..io import atomic_path
 from .world import COLOURS, SHAPES, render_batch
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,8 @@ def train_classifier(steps: int = 1500, batch: int = 128, seed: int = 0) -> ToyC
 
 
 def save_classifier(net: ToyClassifier, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
 
 
 def load_classifier(path: Path) -> ToyClassifier:

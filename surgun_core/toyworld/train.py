@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..io import atomic_path, write_json
 from .model import build_untrained, save_model_folder
 from .world import COLOURS, SHAPES, render_batch, training_prompt
 
@@ -79,11 +81,13 @@ def train_toy_model(
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for eps prediction
 
+    # everything a checkpoint holds besides the optimizer, by name prefix
+    parts = (("text", text), ("unet", unet), ("ema_text", ema_text), ("ema_unet", ema_unet))
     start = 0
     state_file, ckpt_file = work_dir / "state.json", work_dir / "checkpoint.safetensors"
     if state_file.exists() and ckpt_file.exists():
         tensors = load_file(str(ckpt_file))
-        for prefix, mod in (("text", text), ("unet", unet), ("ema_text", ema_text), ("ema_unet", ema_unet)):
+        for prefix, mod in parts:
             n = len(prefix) + 1
             mod.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
         _load_opt(opt, tensors)
@@ -128,17 +132,15 @@ def train_toy_model(
                      rate * (steps - done) / 60)  # fmt: skip
         if done % checkpoint_every == 0 or done == steps:
             tensors = {}
-            for prefix, mod in (("text", text), ("unet", unet), ("ema_text", ema_text), ("ema_unet", ema_unet)):
+            for prefix, mod in parts:
                 tensors.update(_flat_state(prefix, mod))
             tensors.update(_opt_tensors(opt))
-            save_file(tensors, str(ckpt_file) + ".tmp")
-            Path(str(ckpt_file) + ".tmp").replace(ckpt_file)
-            state_file.write_text(json.dumps({"step": done, "steps": steps, "seed": seed}))
+            with atomic_path(ckpt_file) as tmp:
+                save_file(tensors, str(tmp))
+            write_json(state_file, {"step": done, "steps": steps, "seed": seed})
         if on_eval is not None and eval_every and (done % eval_every == 0 or done == steps):
             snap = work_dir / f"snapshot_{done}"
             snap.mkdir(exist_ok=True)
-            import shutil
-
             shutil.copytree(out_dir / "tokenizer", snap / "tokenizer", dirs_exist_ok=True)
             save_model_folder(snap, ema_text, ema_unet, sched)
             on_eval(done, snap)
