@@ -15,4 +15,5 @@ else:
 if IN_COMFYUI:
     from .nodes.extension import comfy_entrypoint  # noqa: F401
 
+# Served at /extensions/<folder>/ and loaded by the browser (web/surgun.js); V3 packs declare it here too.
 WEB_DIRECTORY = "./web"

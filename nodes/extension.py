@@ -6,12 +6,14 @@ from comfy_api.latest import ComfyExtension, io
 
 from .delta_nodes import SurgUnApplyDelta, SurgUnSaveDelta
 from .demo_node import SurgUnDemoModel
+from .localize_node import SurgUnLocalize
+from .probe_node import SurgUnConceptProbe
 from .train_node import SurgUnTrain
 
 
 class SurgUnExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SurgUnDemoModel, SurgUnTrain, SurgUnApplyDelta, SurgUnSaveDelta]
+        return [SurgUnDemoModel, SurgUnTrain, SurgUnApplyDelta, SurgUnSaveDelta, SurgUnConceptProbe, SurgUnLocalize]
 
 
 async def comfy_entrypoint() -> SurgUnExtension:

@@ -9,11 +9,11 @@ import re
 
 # pack-relative import: inside ComfyUI the pack is a package whose name ComfyUI chooses, and surgun_core
 # is not installed there, so the core is reached through the pack.
-from ..surgun_core.config import BLOCK_PRESETS, EraseConfig
+from ..surgun_core.config import AUTO_BLOCKS, BLOCK_PRESETS, EraseConfig
 from ..surgun_core.errors import ConfigError
 
 MANUAL_BLOCKS = "manual"
-BLOCK_CHOICES = [*BLOCK_PRESETS, MANUAL_BLOCKS]
+BLOCK_CHOICES = [AUTO_BLOCKS, *BLOCK_PRESETS, MANUAL_BLOCKS]
 
 
 def parse_list(text: str | None) -> list[str]:
@@ -46,7 +46,7 @@ def resolve_blocks(preset: str, manual: str | None) -> str:
         except re.error as e:
             raise ConfigError("blocks", f"{pattern!r} is not a valid regular expression ({e})") from e
         return pattern
-    if preset not in BLOCK_PRESETS:
+    if preset not in BLOCK_CHOICES:
         raise ConfigError("blocks", f"unknown preset {preset!r}; choose one of {', '.join(BLOCK_CHOICES)}")
     return preset
 

@@ -10,8 +10,9 @@ from comfy_api.latest import io
 
 from ..surgun_core.backends.comfy import ComfyBackend, apply_delta
 from ..surgun_core.concepts import KINDS
-from ..surgun_core.config import BLOCK_PRESETS
+from ..surgun_core.config import AUTO_BLOCKS
 from ..surgun_core.surgun import erase
+from .live import send_train_update
 from .parsing import BLOCK_CHOICES, build_config, resolve_blocks
 from .types import CATEGORY, UnlearnDelta
 
@@ -41,9 +42,13 @@ class SurgUnTrain(io.ComfyNode):
                 io.Float.Input("learning_rate", default=2e-3, min=1e-6, max=1.0, step=1e-4, round=False,
                                tooltip="AdamW learning rate of the LoRA."),
                 io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank: size of the delta."),
-                io.Combo.Input("blocks", options=BLOCK_CHOICES, default=next(iter(BLOCK_PRESETS)),
-                               tooltip="Which attention layers get the LoRA: a preset, or 'manual' to use "
-                               "blocks_regex."),
+                io.Combo.Input("blocks", options=BLOCK_CHOICES, default=AUTO_BLOCKS,
+                               tooltip="Which attention layers get the LoRA: 'auto' = localization picks the block "
+                               "groups that erase with the best retain (short runs first); a preset; or 'manual' "
+                               "to use blocks_regex (e.g. from SurgUn Localize)."),
+                io.Boolean.Input("calibration", default=True,
+                                 tooltip="Keep the LoRA every steps/5 steps, score each on probe images and ship the "
+                                 "one with the best retain among those that erase enough; off: the last step."),
                 io.String.Input("blocks_regex", default="", optional=True,
                                 tooltip="With blocks = manual: a regular expression over the model's attention "
                                 "Linear names, e.g. attn2\\.to_k$."),
@@ -58,28 +63,29 @@ class SurgUnTrain(io.ComfyNode):
             outputs=[
                 io.Model.Output(tooltip="The model with the erasure applied (as a LoRA patch, strength 1)."),
                 UnlearnDelta.Output(tooltip="The trained delta: save it, or apply it at another strength."),
+                io.String.Output("report", tooltip="Blocks chosen, calibration curve and step shipped, timings."),
             ],
             hidden=[io.Hidden.unique_id],
         )  # fmt: skip
 
     @classmethod
     def execute(cls, model, clip, concepts, distractors, kind, steps, learning_rate, rank, blocks, guidance, seed,
-                blocks_regex="", templates="") -> io.NodeOutput:  # fmt: skip
+                calibration=True, blocks_regex="", templates="") -> io.NodeOutput:  # fmt: skip
         # 1. widgets -> EraseConfig (validated there: an empty concept list fails here, before any work)
         cfg = build_config(concepts, distractors, templates or "", kind=kind, steps=steps, lr=learning_rate,
                            rank=rank, alpha=float(rank), blocks=resolve_blocks(blocks, blocks_regex),
-                           guidance=guidance, seed=seed, extra={"front_end": "comfyui"})  # fmt: skip
-        base = model.model
-        backend = ComfyBackend(model, clip, architecture=getattr(base, "surgun_architecture", None),
-                               image_size=getattr(base, "surgun_image_size", None))  # fmt: skip
-        backend.default_guidance = guidance
-        # 2. train (progress bar + Cancel), leaving the shared model as it was
+                           calibrate=calibration, guidance=guidance, seed=seed,
+                           extra={"front_end": "comfyui"})  # fmt: skip
+        backend = comfy_backend(model, clip, guidance)
+        # 2. localize, train, calibrate (progress bar, live numbers, Cancel), leaving the shared model as it was
         pbar = comfy.utils.ProgressBar(cfg.steps)
         with backend.training():
-            result = erase(backend, cfg, progress=cls._progress(pbar), cancel=_cancelled)
+            result = erase(backend, cfg, progress=cls._progress(pbar), cancel=cancelled)
             result.lora.detach()
         # 3. the erased model through ComfyUI's own LoRA patching
-        return io.NodeOutput(apply_delta(model, result.delta, 1.0), result.delta)
+        erased = apply_delta(model, result.delta, 1.0)
+        erased.surgun_base = model  # lets Concept Probe find the base model when base_model is not connected
+        return io.NodeOutput(erased, result.delta, train_report(result))
 
     @classmethod
     def _progress(cls, pbar):
@@ -87,6 +93,8 @@ class SurgUnTrain(io.ComfyNode):
 
         def progress(phase: str, done: int, total: int, stats: dict) -> None:
             pbar.update_absolute(done, total)
+            if node_id:
+                send_train_update(node_id, {**stats, "phase": phase, "step": done, "total": total})
             if phase == "train" and node_id:
                 text = f"step {done}/{total}  " + "  ".join(f"{k} {v:.4f}" for k, v in stats.items())
                 _send_text(text, node_id)
@@ -94,7 +102,31 @@ class SurgUnTrain(io.ComfyNode):
         return progress
 
 
-def _cancelled() -> bool:
+def comfy_backend(model, clip, guidance: float) -> ComfyBackend:
+    """The ComfyUI backend for a MODEL + CLIP; the demo model carries its architecture and image size."""
+    base = model.model
+    backend = ComfyBackend(model, clip, architecture=getattr(base, "surgun_architecture", None),
+                           image_size=getattr(base, "surgun_image_size", None))  # fmt: skip
+    backend.default_guidance = guidance
+    return backend
+
+
+def train_report(result) -> str:
+    lines = [f"SurgUn: {result.steps_done} steps in {result.seconds:.0f} s"]
+    if result.localization:
+        loc = result.localization
+        lines.append(f"blocks (auto): {', '.join(loc.chosen)}" + (" (cached)" if loc.cached else ""))
+        lines += [f"  {r['name']:<22} erase {r['erase']:.2f}  retain {r['retain']:.2f}" for r in loc.groups]
+    if result.calibration:
+        cal = result.calibration
+        lines.append(f"calibration: shipped step {cal.chosen_step}: {cal.reason}")
+        lines += [f"  step {r['step']:>5}  erase {r['erase']:.2f}  retain {r['retain']:.2f}" for r in cal.curve]
+    if result.stopped:
+        lines.append(f"note: {result.stopped}")
+    return "\n".join(lines)
+
+
+def cancelled() -> bool:
     """ComfyUI's Cancel: raises InterruptProcessingException, which ends the run as 'interrupted'."""
     comfy.model_management.throw_exception_if_processing_interrupted()
     return False

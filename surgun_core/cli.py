@@ -21,6 +21,8 @@ class TqdmProgress:
         "images": "generating training images",
         "train": "erasing",
         "evaluate": "sampling before/after",
+        "localize": "localizing (short run per block group)",
+        "calibrate": "calibrating (scoring checkpoints)",
     }
 
     def __init__(self) -> None:
@@ -35,7 +37,8 @@ class TqdmProgress:
         self.bar.total = total
         self.bar.n = done
         if stats:
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("loss", "L_T", "L_D")})
+            keys = ("loss", "L_T", "L_D", "erase", "retain")
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in keys})
         self.bar.refresh()
 
     def close(self) -> None:
@@ -92,6 +95,20 @@ def cmd_erase(a) -> int:
     print(f"wrote {out} ({len(result.delta.weights)} layers, {result.steps_done} steps, {result.seconds:.1f} s)")
     if result.stopped:
         print(f"note: {result.stopped}")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import format_markdown, run_bench
+
+    bar = TqdmProgress()
+    try:
+        report = run_bench(a.concepts, a.methods, quick=a.quick, seeds_per_pair=a.seeds, out_dir=a.out,
+                           json_path=a.json, progress=bar)  # fmt: skip
+    finally:
+        bar.close()
+    print(format_markdown(report))
+    print(f"written: {Path(a.out) / 'bench.md'}, {a.json or Path(a.out) / 'bench.json'} and calibration plots")
     return 0
 
 
@@ -167,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
                       ("seed", int), ("device", str), ("precision", str)):  # fmt: skip
         e.add_argument(f"--{name}", type=typ)
     e.set_defaults(func=cmd_erase)
+
+    b = sub.add_parser("bench", help="SurgUn, its ablations, ESD, UCE and CA on the toy world, one table")
+    b.add_argument("--quick", action="store_true", help="one concept, main methods, shorter ESD and CA")
+    b.add_argument("--json", help="write the JSON here (default: OUT/bench.json)")
+    b.add_argument("--out", default="surgun-bench", help="folder for bench.md, bench.json and plots")
+    b.add_argument("--methods", nargs="+", help="methods to run (default: all; --quick: the main ones)")
+    b.add_argument("--concepts", nargs="+", help="toy concepts (default: every shape and colour)")
+    b.add_argument("--seeds", type=int, help="seeds per (shape, colour) pair and prompt (default 2, quick 1)")
+    b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("toyworld", help="the toy world: train or evaluate its model")
     tsub = t.add_subparsers(dest="toy_command", required=True)

@@ -14,6 +14,7 @@ from .concepts import KINDS, builtin_distractors
 from .errors import ConfigError
 
 Kind = Literal["object", "style"]
+AUTO_BLOCKS = "auto"  # pixel-grounded localization picks the blocks (localize.py)
 BLOCK_PRESETS = {
     # keys/values of cross-attention: the only attention weights that read the prompt, so a change there
     # acts through the concept's tokens (the UCE/MACE observation); the default
@@ -21,7 +22,12 @@ BLOCK_PRESETS = {
     "cross-attn": r"attn2\.",  # all of cross-attention (q, k, v, out)
     "self-attn": r"attn1\.",
     "all-attn": r"(attn1|attn2)\.",
-    "dit-attn": r"(attn1|attn2|attn)\.",  # DiT transformer blocks
+    # DiT transformer blocks: SANA attn1/attn2, SD3 joint_blocks.N.{x,context}_block.attn(2), Flux
+    # double_blocks.N.{img,txt}_attn (Flux single_blocks fuse attention into linear1/linear2: not included)
+    "dit-attn": r"(attn1|attn2|attn)\.",
+    # MMDiT text stream (SD3 context_block, Flux txt_attn): the q/k/v of the prompt tokens, which image
+    # tokens attend to; the joint-attention counterpart of cross-attn-kv
+    "dit-text-qkv": r"(context_block\.attn|txt_attn)\.qkv$",
 }
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -39,7 +45,7 @@ class EraseConfig:
     lr: float = 2e-3
     rank: int = 4
     alpha: float = 4.0
-    blocks: str = "cross-attn-kv"  # a preset name (BLOCK_PRESETS) or a regular expression over module names
+    blocks: str = AUTO_BLOCKS  # "auto" (localization), a preset name (BLOCK_PRESETS) or a regular expression
     batch_size: int = 8  # target images per step (as many distractor images)
     distractors_per_step: int = 4
     images_per_concept: int = 16  # training images the frozen model generates per concept
@@ -59,9 +65,21 @@ class EraseConfig:
     contrast_cap: float | None = 0.5  # stop the contrast's ascent once L_T >= e^cap * L_D (None: never)
     max_grad_norm: float = 1.0
     seed: int = 0
-    checkpoint_every: int = 0  # keep the LoRA every N steps (0: final only); calibration scores them
+    checkpoint_every: int = 0  # keep the LoRA every N steps (0: steps/5 when calibrating, else final only)
+    # localization (blocks="auto") and calibration: probe images scored for erase and retain
+    localize_steps: int = 40  # SurgUn steps of each candidate group's short run
+    localize_keep: int = 2  # how many block groups the erasure gets
+    localize_attention: str = "cross"  # candidate groups: "cross" (cross-attention K/V), "self" or "all"
+    calibrate: bool = True  # ship the checkpoint with the best retain among those that erase enough
+    erase_threshold: float = 0.9  # probe erase score a block group / checkpoint must reach
+    scorer: str = "diffusion"  # who judges probe images: diffusion (the base model), toy, clip (probe.py)
+    clip_path: str | None = None  # local CLIP folder for scorer="clip"
+    probe_seeds: int = 4  # seeds per probe prompt (fewer: faster, but a noisier choice of step and blocks)
+    probe_templates: list[str] | None = None  # probe prompt templates ("{}": the concept); None: 2 of `templates`
+    probe_retained: int = 4  # retained concepts (from the distractors) in the probe set
     precision: str = "float32"
     device: str = "auto"
+    gradient_checkpointing: bool | None = None  # recompute activations in backward; None: on for CUDA only
     extra: dict = field(default_factory=dict)  # front-end specific notes, copied into metadata
 
     def __post_init__(self) -> None:
@@ -81,6 +99,11 @@ class EraseConfig:
             bad = [t for t in self.templates if t.count("{}") != 1]
             if bad:
                 raise ConfigError("templates", f"{bad[0]!r} must contain exactly one '{{}}' where the concept goes")
+        if self.probe_templates is not None:
+            self.probe_templates = _clean_list("probe_templates", self.probe_templates, allow_empty=False)
+            bad = [t for t in self.probe_templates if t.count("{}") != 1]
+            if bad:
+                raise ConfigError("probe_templates", f"{bad[0]!r} must contain exactly one '{{}}' for the concept")
         if self.retain_prompts is not None:
             self.retain_prompts = _clean_list("retain_prompts", self.retain_prompts, allow_empty=True)
         for name in (
@@ -91,6 +114,10 @@ class EraseConfig:
             "images_per_concept",
             "sample_steps",
             "sample_batch_size",
+            "localize_steps",
+            "localize_keep",
+            "probe_seeds",
+            "probe_retained",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -109,12 +136,34 @@ class EraseConfig:
             raise ConfigError("use_contrast", "at least one of use_ascent, use_distractors, use_contrast must be on")
         if not isinstance(self.blocks, str) or not self.blocks.strip():
             raise ConfigError("blocks", f"give a preset ({', '.join(BLOCK_PRESETS)}) or a regular expression")
+        if not isinstance(self.erase_threshold, (int, float)) or not 0 < self.erase_threshold <= 1:
+            raise ConfigError("erase_threshold", f"must be a number in (0, 1], got {self.erase_threshold!r}")
+        from .localize import ATTENTION_KINDS  # registries live with their code
+        from .probe import SCORERS
+
+        if self.localize_attention not in ATTENTION_KINDS:
+            raise ConfigError("localize_attention", f"unknown {self.localize_attention!r}; choose one of "
+                              f"{', '.join(ATTENTION_KINDS)}")  # fmt: skip
+        if self.scorer not in SCORERS:
+            raise ConfigError("scorer", f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+        if self.scorer == "clip" and not self.clip_path:
+            raise ConfigError("clip_path", "scorer 'clip' needs clip_path: a local CLIP folder (transformers format)")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
 
     @property
     def block_pattern(self) -> str:
+        """The regular expression for preset or manual blocks ("auto" has none until localization runs)."""
+        if self.blocks.strip() == AUTO_BLOCKS:
+            raise ConfigError("blocks", "'auto' is resolved by localization (surgun.erase); give a preset or a "
+                              "regular expression to train on fixed blocks")  # fmt: skip
         return BLOCK_PRESETS.get(self.blocks.strip(), self.blocks.strip())
+
+    @property
+    def checkpoint_interval(self) -> int:
+        if self.checkpoint_every:
+            return self.checkpoint_every
+        return max(1, self.steps // 5) if self.calibrate else 0
 
     def resolved_distractors(self) -> list[str]:
         if self.distractors is not None:

@@ -20,12 +20,21 @@ TOY_RECIPE = dict(steps=200, lr=6e-3, rank=4, alpha=4.0, batch_size=8, images_pe
                   sample_batch_size=64)  # fmt: skip
 
 
+# Probe prompts for calibration and localization: the concept alone and with the other attribute, as users
+# write them (training prompts name the concept alone).
+TOY_PROBE_TEMPLATES = {
+    "object": ("a {}", "a yellow {}", "a photo of a green {}", "a {} in purple"),
+    "style": ("{} artwork", "a {} square", "a photo of a {} ring", "a triangle in {}"),
+}
+
+
 def toy_config(concept: str, **overrides) -> EraseConfig:
     """EraseConfig for a toy concept: the other concepts of its kind are the distractors."""
     kind = concept_kind(concept)
     pool, templates = (SHAPES, OBJECT_TEMPLATES) if kind == "object" else (COLOURS, STYLE_TEMPLATES)
     settings = dict(TOY_RECIPE, concepts=[concept], kind=kind, distractors=[c for c in pool if c != concept],
-                    templates=[t.replace("{s}", "{}").replace("{c}", "{}") for t in templates])  # fmt: skip
+                    templates=[t.replace("{s}", "{}").replace("{c}", "{}") for t in templates],
+                    probe_templates=list(TOY_PROBE_TEMPLATES[kind]))  # fmt: skip
     settings.update(overrides)
     return EraseConfig(**settings)
 

@@ -30,17 +30,22 @@ class DiffusionObjective:
         return torch.randint(0, self.alphas_cumprod.shape[0], (n,), generator=generator)
 
     def noisy(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = _bcast(self.alphas_cumprod[t], x0)
+        a = _bcast(self.alphas_cumprod[t.cpu()], x0)  # the schedule lives on the CPU; t may be on the GPU
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
             return eps
-        a = _bcast(self.alphas_cumprod[t], x0)
+        a = _bcast(self.alphas_cumprod[t.cpu()], x0)
         return a.sqrt() * eps - (1 - a).sqrt() * x0
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def t_grid(self, n: int, lo: float = 0.1, hi: float = 0.8) -> torch.Tensor:
+        """n fixed timesteps spread over the quantiles lo..hi of the schedule (the diffusion classifier's)."""
+        T = self.alphas_cumprod.shape[0]
+        return (torch.linspace(lo, hi, n) * (T - 1)).round().long()
 
 
 @dataclass
@@ -64,6 +69,10 @@ class FlowObjective:
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t * self.num_train_timesteps
+
+    def t_grid(self, n: int, lo: float = 0.1, hi: float = 0.8) -> torch.Tensor:
+        s = torch.linspace(lo, hi, n)
+        return self.shift * s / (1 + (self.shift - 1) * s)
 
 
 Objective = DiffusionObjective | FlowObjective

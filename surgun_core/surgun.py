@@ -10,12 +10,14 @@ L   = -w_A L_T + w_D L_D + w_C L_C + w_R L_R   (each term switchable in EraseCon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,10 +25,15 @@ from . import __version__
 from .backends.base import Backend
 from .cache import ImageCache, default_cache_dir
 from .concepts import templates_for
-from .config import EraseConfig
+from .config import AUTO_BLOCKS, EraseConfig
 from .data import CondBank, generate_concept_images
 from .errors import Cancelled, ConfigError
 from .lora import LoraDelta, LoRASet
+from .probe import Scorer, judge_templates, make_scorer, probe_set
+
+if TYPE_CHECKING:
+    from .calibrate import CalibrationResult
+    from .localize import LocalizeResult
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +51,10 @@ class EraseResult:
     checkpoints: list[tuple[int, dict]] = field(default_factory=list)  # (step, LoRA state)
     steps_done: int = 0
     stopped: str | None = None  # why training ended early, if it did
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole erase: localization, images, training, calibration
     peak_mem_mb: float = 0.0
+    localization: LocalizeResult | None = None  # with blocks="auto"
+    calibration: CalibrationResult | None = None  # with calibrate=True
 
 
 def surgun_loss(cfg: EraseConfig, L_T, L_D, L_R):
@@ -65,11 +74,59 @@ def erase(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     cache: ImageCache | None = None,
+    scorer: Scorer | None = None,
 ) -> EraseResult:
-    """Train a SurgUn LoRA that erases cfg.concepts from `backend`'s model. Leaves it attached."""
+    """Erase cfg.concepts from `backend`'s model: the whole SurgUn method. Leaves the LoRA attached.
+
+    1. blocks="auto": localization picks the attention block groups (localize.py);
+    2. the SurgUn training loop on those blocks (train_delta), keeping checkpoints when calibrating;
+    3. calibrate=True: the checkpoint to ship is chosen on the probe set (calibrate.py).
+    The scorer (cfg.scorer unless given) judges the probe images for steps 1 and 3.
+    """
+    from .calibrate import calibrate
+    from .localize import localize
+
     t_start = time.time()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    cache = cache or ImageCache(default_cache_dir())
+    auto = cfg.blocks.strip() == AUTO_BLOCKS
+    probe = probe_set(cfg)
+    if scorer is None and (auto or cfg.calibrate):
+        scorer = make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
+    loc = localize(backend, cfg, scorer, probe, progress=progress, cancel=cancel, cache=cache) if auto else None
+    pattern = loc.pattern if loc else cfg.block_pattern
+    result = train_delta(backend, cfg, pattern, progress, cancel, cache, cfg.checkpoint_interval)
+    result.localization = loc
+    if cfg.calibrate and result.checkpoints:
+        try:
+            result.calibration = calibrate(backend, result.lora, result.checkpoints, scorer, probe,
+                                           cfg.erase_threshold, cfg.sample_steps, cfg.guidance, progress,
+                                           cancel)  # fmt: skip
+        except BaseException:
+            result.lora.detach()  # cancelled or failed: the model is left as it was
+            raise
+    result.seconds = time.time() - t_start
+    result.peak_mem_mb = peak_memory_mb(backend.device)
+    result.delta = result.lora.to_delta(backend.lora_prefix, delta_metadata(backend, cfg, result))
+    return result
+
+
+def train_delta(
+    backend: Backend,
+    cfg: EraseConfig,
+    pattern: str,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    cache: ImageCache | None = None,
+    checkpoint_every: int = 0,
+) -> EraseResult:
+    """The SurgUn training loop on the attention layers matching `pattern`. Leaves the LoRA attached.
+
+    Args:
+        checkpoint_every: keep the LoRA every N steps (and the last) for calibration; 0: none.
+    """
+    t_start = time.time()
     progress = progress or (lambda *a: None)
     cancel = cancel or (lambda: False)
     cache = cache or ImageCache(default_cache_dir())
@@ -77,7 +134,7 @@ def erase(
     distractors = cfg.resolved_distractors()
     if (cfg.use_distractors or cfg.use_contrast) and not distractors:
         raise ConfigError("distractors", "none left after removing the concepts; give at least one")
-    targets = backend.lora_targets(cfg.block_pattern)  # raises when the pattern matches nothing
+    targets = backend.lora_targets(pattern)  # raises when the pattern matches nothing
 
     # 1. Training images from the frozen model (cached per model fingerprint, prompt and seed).
     def on_image(done: int, total: int) -> None:
@@ -101,7 +158,9 @@ def erase(
     bank = CondBank(backend, X_T.prompts + (retain_prompts if cfg.use_retain else []))
 
     # 2. LoRA on the chosen attention layers; the base stays frozen (no grads, no optimizer state).
-    lset = LoRASet(targets, cfg.rank, cfg.alpha).attach()
+    with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights come from the seed too
+        torch.manual_seed(cfg.seed)
+        lset = LoRASet(targets, cfg.rank, cfg.alpha).attach()
     params = list(lset.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -109,6 +168,9 @@ def erase(
     result = EraseResult(delta=None, lora=lset)  # type: ignore[arg-type]
     good = lset.snapshot()
     B = cfg.batch_size
+    ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else dev.type == "cuda"
+    stack = contextlib.ExitStack()
+    stack.enter_context(backend.gradient_checkpointing(ckpt))
     try:
         for step in range(cfg.steps):
             _check(cancel)
@@ -127,19 +189,25 @@ def erase(
                 idd = pool[torch.randint(0, len(pool), (B,), generator=g)]
                 x_D = X_D.x0[idd].to(dev, backend.dtype)
                 L_D = backend.loss(x_D, c_T, torch.randn(x_D.shape, generator=g).to(x_D), t).mean()
+            # backward in two parts to hold fewer activation graphs at once (memory): L is linear in L_R,
+            # so the target/distractor part goes first, then the retain term's own forward and backward
+            opt.zero_grad(set_to_none=True)
+            L_TD, L_C = surgun_loss(cfg, L_T, L_D, torch.zeros((), device=dev))
+            if torch.isfinite(L_TD):
+                L_TD.backward()
             L_R = torch.zeros((), device=dev)
             if cfg.use_retain:
                 ir = torch.randint(0, len(X_R.prompts), (B,), generator=g)
                 L_R = _retain_term(backend, lset, X_R.x0[ir].to(dev, backend.dtype),
                                    bank.batch([X_R.prompts[i] for i in ir]), t, g)  # fmt: skip
-            L, L_C = surgun_loss(cfg, L_T, L_D, L_R)
+                if torch.isfinite(L_R):
+                    (cfg.w_retain * L_R).backward()
+            L, L_C = surgun_loss(cfg, L_T.detach(), L_D.detach(), L_R.detach())  # the whole objective's value
             if not torch.isfinite(L):
                 result.stopped = f"non-finite loss at step {step + 1}; kept the LoRA of step {step}"
                 log.warning(result.stopped)
                 lset.restore(good)
                 break
-            opt.zero_grad(set_to_none=True)
-            L.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             if not all(torch.isfinite(p).all() for p in params):
@@ -151,17 +219,19 @@ def erase(
             result.steps_done = step + 1
             stats = {"loss": L.item(), "L_T": L_T.item(), "L_D": L_D.item(), "L_C": L_C.item(), "L_R": L_R.item()}
             result.history.append({"step": step + 1, **stats})
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            if checkpoint_every and (step + 1) % checkpoint_every == 0:
                 result.checkpoints.append((step + 1, good))
             progress("train", step + 1, cfg.steps, stats)
     except BaseException:
         lset.detach()  # cancelled or failed: the model is left as it was
         raise
-    if cfg.checkpoint_every and (not result.checkpoints or result.checkpoints[-1][0] != result.steps_done):
+    finally:
+        stack.close()
+    if checkpoint_every and (not result.checkpoints or result.checkpoints[-1][0] != result.steps_done):
         result.checkpoints.append((result.steps_done, lset.snapshot()))
     result.seconds = time.time() - t_start
     result.peak_mem_mb = peak_memory_mb(dev)
-    result.delta = lset.to_delta(backend.lora_prefix, delta_metadata(backend, cfg, distractors, result))
+    result.delta = lset.to_delta(backend.lora_prefix, delta_metadata(backend, cfg, result))
     return result
 
 
@@ -194,9 +264,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def delta_metadata(backend: Backend, cfg: EraseConfig, distractors: list[str], result: EraseResult) -> dict:
+def delta_metadata(backend: Backend, cfg: EraseConfig, result: EraseResult) -> dict:
     """Header metadata of the delta file (DESIGN.md section 4)."""
     cfg_json = {k: v for k, v in cfg.to_dict().items() if k != "extra"}
+    cal, loc = result.calibration, result.localization
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{backend.architecture}/lora",
@@ -205,11 +276,13 @@ def delta_metadata(backend: Backend, cfg: EraseConfig, distractors: list[str], r
         "surgun.version": __version__,
         "surgun.concepts": json.dumps(cfg.concepts),
         "surgun.kind": cfg.kind,
-        "surgun.distractors": json.dumps(distractors),
-        "surgun.blocks": cfg.blocks,
+        "surgun.distractors": json.dumps(cfg.resolved_distractors()),
+        "surgun.blocks": ", ".join(loc.chosen) if loc else cfg.blocks,
         "surgun.modules": json.dumps(sorted(result.lora.names)),
         "surgun.steps": str(result.steps_done),
-        "surgun.step_chosen": str(result.steps_done),
+        "surgun.step_chosen": str(cal.chosen_step if cal else result.steps_done),
+        "surgun.calibration": json.dumps(cal.to_dict() if cal else {}),
+        "surgun.localization": json.dumps(loc.to_dict() if loc else {}),
         "surgun.stopped": result.stopped or "",
         "surgun.base_fingerprint": backend.fingerprint(),
         "surgun.base_architecture": backend.architecture,

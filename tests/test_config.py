@@ -16,7 +16,12 @@ def err(**kw) -> ConfigError:
 def test_defaults_and_cleaning():
     cfg = EraseConfig(concepts=["  Van Gogh ", "Van Gogh"], kind="style")
     assert cfg.concepts == ["Van Gogh"]
-    assert cfg.block_pattern == r"attn2\.(to_k|to_v)$"
+    assert cfg.blocks == "auto" and cfg.calibrate and cfg.scorer == "diffusion"  # the full method by default
+    with pytest.raises(ConfigError, match="resolved by localization"):
+        _ = cfg.block_pattern
+    assert EraseConfig(concepts=["x"], blocks="cross-attn-kv").block_pattern == r"attn2\.(to_k|to_v)$"
+    assert cfg.checkpoint_interval == cfg.steps // 5
+    assert EraseConfig(concepts=["x"], calibrate=False).checkpoint_interval == 0
     assert "Van Gogh" not in cfg.resolved_distractors() and len(cfg.resolved_distractors()) >= 8
     assert EraseConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -46,6 +51,11 @@ def test_concept_as_its_own_distractor():
         ("blocks", "  ", "preset"),
         ("templates", ["a photo"], "{}"),
         ("checkpoint_every", -5, ">= 0"),
+        ("scorer", "dino", "diffusion, toy, clip"),
+        ("localize_attention", "everything", "cross, self, all"),
+        ("erase_threshold", 1.5, "(0, 1]"),
+        ("localize_steps", 0, ">= 1"),
+        ("probe_seeds", 0, ">= 1"),
     ],
 )
 def test_bad_values_name_the_field(field, value, needle):

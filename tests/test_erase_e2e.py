@@ -15,7 +15,8 @@ from surgun_core.toyworld.evaluate import erase_metrics, evaluate_erasure
 @pytest.mark.slow
 @pytest.mark.parametrize("concept", ["circle", "blue"])
 def test_erase_drops_target_and_keeps_the_rest(toy_backend, toy_classifier, concept):
-    result = erase(toy_backend, toy_config(concept, steps=120))
+    # the whole method (localization, training, calibration), with shorter localization runs and probes
+    result = erase(toy_backend, toy_config(concept, steps=120, localize_steps=25, probe_seeds=2))
     try:
         m, before, _ = evaluate_erasure(toy_backend, result.lora, toy_classifier, concept, seeds_per_pair=4,
                                         heldout=False)  # fmt: skip
@@ -49,12 +50,12 @@ def test_cancel_mid_run_leaves_model_and_disk_untouched(toy_backend, tmp_path):
 
 def test_blocks_pattern_matching_nothing(toy_backend):
     with pytest.raises(ConfigError) as e:
-        erase(toy_backend, toy_config("circle", blocks=r"no_such_block\.", steps=1))
+        erase(toy_backend, toy_config("circle", blocks=r"no_such_block\.", steps=1, calibrate=False))
     assert e.value.field == "blocks" and "matches no attention layer" in str(e.value)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_state(toy_backend):
-    cfg = toy_config("circle", steps=6, images_per_concept=2, sample_steps=2)
+    cfg = toy_config("circle", steps=6, images_per_concept=2, sample_steps=2, blocks="cross-attn-kv", calibrate=False)
     seen = {"n": 0}
     orig = toy_backend.loss
 
@@ -74,7 +75,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(toy_backend):
 
 
 def test_delta_round_trip_reproduces_erased_model(toy_backend, tmp_path):
-    result = erase(toy_backend, toy_config("circle", steps=3, images_per_concept=2, sample_steps=2))
+    cfg = toy_config("circle", steps=3, images_per_concept=2, sample_steps=2, blocks="cross-attn-kv", calibrate=False)
+    result = erase(toy_backend, cfg)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([300, 700])
     cond = toy_backend.encode(["a red circle", "a circle"])
     erased = toy_backend.predict(x, t, cond)
@@ -90,7 +92,16 @@ def test_delta_round_trip_reproduces_erased_model(toy_backend, tmp_path):
 
 @pytest.mark.slow
 def test_demo_writes_grid_delta_and_metrics(tmp_path):
-    report = run_demo("circle", out_dir=tmp_path, json_path=tmp_path / "m.json", seeds_per_pair=2, steps=20)
+    report = run_demo(
+        "circle",
+        out_dir=tmp_path,
+        json_path=tmp_path / "m.json",
+        seeds_per_pair=2,
+        steps=20,
+        localize_steps=2,
+        probe_seeds=1,
+        probe_retained=2,
+    )  # the whole method, but small
     data = json.loads((tmp_path / "m.json").read_text())
     assert {"concept", "ua", "ira", "cra", "drift", "h", "seconds", "peak_mem_mb"} <= data.keys()
     assert data == json.loads(json.dumps(report))

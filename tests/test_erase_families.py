@@ -13,7 +13,8 @@ from surgun_core.lora import LoraDelta
 from surgun_core.surgun import erase
 from surgun_core.testing import tiny_backend
 
-FAST = dict(steps=3, images_per_concept=2, sample_steps=2, batch_size=2, distractors_per_step=2, templates=["a {}"])
+FAST = dict(steps=3, images_per_concept=2, sample_steps=2, batch_size=2, distractors_per_step=2, templates=["a {}"],
+            blocks="cross-attn-kv", calibrate=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl", "sana"])
@@ -64,3 +65,31 @@ def test_delta_of_another_architecture_is_refused(tmp_path):
     modules = sdxl.attention_linears()
     with pytest.raises(DeltaMismatchError, match="stable-diffusion-v1"):
         LoraDelta.load(path, list(modules)).to_lora_set(modules)
+
+
+def test_full_method_localizes_and_calibrates(backend):
+    """blocks="auto" + calibration with the default scorer (the base model as a diffusion classifier)."""
+    settings = {**FAST, "blocks": "auto", "calibrate": True, "steps": 4}
+    cfg = EraseConfig(concepts=["cat"], distractors=["car", "tree"], **settings, localize_steps=1, probe_seeds=1,
+                      probe_templates=["a {}"], probe_retained=1)  # fmt: skip
+    result = erase(backend, cfg)
+    try:
+        assert result.localization.chosen and result.localization.groups
+        assert [r["step"] for r in result.calibration.curve] == [1, 2, 3, 4]  # checkpoint every steps/5 (>= 1)
+        assert result.delta.metadata["surgun.step_chosen"] == str(result.calibration.chosen_step)
+        assert set(result.lora.names) <= set(backend.attention_linears())
+    finally:
+        result.lora.detach()
+
+
+def test_gradient_checkpointing_gives_the_same_delta():
+    """Recomputing activations in backward (the memory saver, on by default on CUDA) changes no gradient."""
+    deltas = []
+    for on in (False, True):
+        backend = tiny_backend("sd1")
+        result = erase(backend, EraseConfig(concepts=["cat"], distractors=["car"], **FAST, gradient_checkpointing=on))
+        result.lora.detach()
+        deltas.append(result.delta.state_dict())
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in backend.denoiser.modules())  # restored
+    for k, v in deltas[0].items():
+        torch.testing.assert_close(deltas[1][k], v, rtol=1e-4, atol=1e-6)

@@ -87,7 +87,8 @@ def test_resolve_blocks(pack, parsing):
     errors = importlib.import_module(pack.__name__ + ".surgun_core.errors")
     assert parsing.resolve_blocks("cross-attn-kv", "ignored") == "cross-attn-kv"
     assert parsing.resolve_blocks("manual", r" attn2\.to_k$ ") == r"attn2\.to_k$"
-    assert parsing.BLOCK_CHOICES[-1] == "manual"
+    assert parsing.BLOCK_CHOICES[0] == "auto" and parsing.BLOCK_CHOICES[-1] == "manual"  # auto: the default
+    assert parsing.resolve_blocks("auto", "") == "auto"
     for preset, manual, msg in [("manual", "", "empty"), ("manual", "attn2.(", "regular expression"),
                                 ("nope", "", "unknown preset")]:  # fmt: skip
         with pytest.raises(errors.ConfigError, match=msg):

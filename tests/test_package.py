@@ -2,10 +2,13 @@
 style is enforced by ruff from pyproject.toml; torch is never pinned."""
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +42,19 @@ def test_ruff_lint_and_format():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     subprocess.run([ruff, "check", "."], check=True, cwd=ROOT)
     subprocess.run([ruff, "format", "--check", "."], check=True, cwd=ROOT)
+
+
+def test_comfy_registry_metadata():
+    """[tool.comfy] for the Comfy Registry; nothing a Manager / registry install runs may pin or install torch."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] == "SurgUn"
+    assert meta["project"]["urls"]["Repository"].startswith("https://github.com/")
+    assert all((ROOT / p).is_dir() for p in comfy.get("includes", [])), comfy["includes"]
+    deps = meta["project"]["dependencies"] + [d for ds in meta["project"]["optional-dependencies"].values() for d in ds]
+    req = [ln.split("#")[0].strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
+    spec = re.compile(r"torch(?![\w.-])\s*(?:\[[^\]]*\])?([^;]*)", re.I)  # torch[extras] <specifiers>; markers
+    pins = [d for d in deps + req if (m := spec.match(d)) and re.search(r"==|<|~=", m.group(1))]
+    assert not pins, f"torch is pinned: {pins}"
+    assert not (ROOT / "install.py").exists(), "ComfyUI-Manager runs install.py: keep torch installs out of it"

@@ -13,6 +13,10 @@ Imported only inside ComfyUI (it imports comfy at the top); no other module of s
   layers are nn.Linear subclasses whose forward may bypass nn.Linear.forward (forward_comfy_cast_weights),
   but module hooks run around any forward, so the same adapters train plain and comfy.ops layers alike.
 - Training images: ComfyUI's own sampler (comfy.sample.sample), seeded per image by the core.
+- Families: SD1.5 and SDXL UNets, SD3 and Flux DiTs take the same path. LoRA targets are module paths of
+  diffusion_model (input_blocks.4.1.transformer_blocks.0.attn2.to_k, double_blocks.0.img_attn.qkv,
+  joint_blocks.0.x_block.attn.qkv), written as kohya keys lora_unet_<path with _>, which
+  comfy.lora.model_lora_keys_unet maps for every family. What differs per family: comfy_families.py.
 """
 
 from __future__ import annotations
@@ -32,20 +36,9 @@ from ..errors import DeltaMismatchError, SurgUnError
 from ..lora import LoraDelta
 from ..sampling import seeded_noise
 from .base import Backend, Cond, cond_cat
+from .comfy_families import ARCHITECTURES, IMAGE_SIZES, ensure_rope_backward, mutates_saved_activations, saved_copies
 
 log = logging.getLogger(__name__)
-
-# modelspec.architecture per ComfyUI model config class (comfy/supported_models.py)
-ARCHITECTURES = {
-    "SD15": "stable-diffusion-v1",
-    "SD20": "stable-diffusion-v2-768-v",
-    "SDXL": "stable-diffusion-xl-v1-base",
-    "SD3": "stable-diffusion-3-medium",
-    "Flux": "flux-1-dev",
-    "FluxSchnell": "flux-1-schnell",
-}
-# default training-image size (pixels) per ComfyUI model config class
-IMAGE_SIZES = {"SD15": 512, "SD20": 768, "SDXL": 1024, "SD3": 1024, "Flux": 1024, "FluxSchnell": 1024}
 
 
 class SigmaObjective:
@@ -69,6 +62,11 @@ class SigmaObjective:
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def t_grid(self, n: int, lo: float = 0.1, hi: float = 0.8) -> torch.Tensor:
+        """n fixed sigmas at the quantiles lo..hi of the model's schedule (sigmas ascend)."""
+        idx = (torch.linspace(lo, hi, n) * (len(self.sigmas) - 1)).round().long()
+        return self.sigmas[idx]
+
 
 class ComfyBackend(Backend):
     """A ComfyUI MODEL + CLIP. `architecture` overrides the name written into delta metadata."""
@@ -88,6 +86,7 @@ class ComfyBackend(Backend):
         self.pixel_space = fmt.latent_channels == 3 and getattr(fmt, "scale_factor", 1.0) == 1.0
         cfg_name = type(self.base.model_config).__name__
         self.architecture = architecture or ARCHITECTURES.get(cfg_name, f"comfyui-{cfg_name.lower()}")
+        self._copy_saved = mutates_saved_activations(self.base)  # Flux: in-place residuals (comfy_families)
         self.lora_prefix = "lora_unet"  # the prefix comfy.lora.model_lora_keys_unet maps for every family
         self.sampler_name, self.scheduler = sampler_name, scheduler
         size = image_size or IMAGE_SIZES.get(cfg_name)
@@ -119,7 +118,9 @@ class ComfyBackend(Backend):
         sigma = t.to(x_t.device, torch.float32).expand(x_t.shape[0])  # (B,)
         kw = {k: v for k, v in cond.items() if k != "c_crossattn"}
         opts = self.patcher.model_options.get("transformer_options", {})
-        x0_hat = self.base.apply_model(x_t, sigma, c_crossattn=cond.get("c_crossattn"), transformer_options=opts, **kw)
+        with saved_copies(self._copy_saved):
+            x0_hat = self.base.apply_model(x_t, sigma, c_crossattn=cond.get("c_crossattn"), transformer_options=opts,
+                                           **kw)  # fmt: skip
         return (x_t.float() - x0_hat.float()) / sigma.view(-1, *([1] * (x_t.dim() - 1)))
 
     def sampler_id(self) -> str:
@@ -148,6 +149,12 @@ class ComfyBackend(Backend):
                 on_batch(min(i + batch_size, len(prompts)), len(prompts))
         return torch.cat(out)
 
+    def activate(self) -> None:
+        """Make this model's patches the ones applied to the weights. Models that share weights (a base model
+        and its LoRA-patched clone) take turns: after sampling with one, a direct apply_model on the other
+        would still see the first one's patches."""
+        comfy.model_management.load_models_gpu([self.patcher])
+
     def _clip_encode(self, prompt: str) -> tuple[torch.Tensor, dict]:
         (cond, extra), *rest = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
         if rest:
@@ -162,7 +169,8 @@ class ComfyBackend(Backend):
 
         ComfyUI runs every node under torch.inference_mode(); weights created there are inference tensors,
         which autograd refuses to save for backward. Such weights are replaced by normal copies (same
-        values); ModelPatcher still restores its backups on unpatch, so nothing else changes.
+        values); ModelPatcher still restores its backups on unpatch, so nothing else changes. RoPE models
+        need a backward for comfy-kitchen's RoPE op (comfy_families.ensure_rope_backward).
         """
         mm = comfy.model_management
         try:
@@ -171,6 +179,7 @@ class ComfyBackend(Backend):
             mm.load_models_gpu([self.patcher])
         with torch.inference_mode(False):
             _normal_parameters(self.denoiser)
+            ensure_rope_backward()
             yield
 
 
@@ -196,23 +205,40 @@ def _normal_parameters(module: nn.Module) -> None:
 # ---- deltas through ComfyUI's own LoRA patching -------------------------------------------------------------
 
 
-def delta_patches(model, sd: dict[str, torch.Tensor], source: str = "delta") -> dict:
-    """ComfyUI weight patches for a kohya LoRA state dict; every key must map to a module of `model`."""
+def delta_patches(model, sd: dict[str, torch.Tensor], source: str = "delta", clip=None) -> dict:
+    """ComfyUI weight patches for a kohya LoRA state dict; every key must map to a module of `model` (or of
+    `clip`'s text encoder, when given)."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     groups = {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in sd}
     missing = sorted(g for g in groups if g not in key_map)
     if missing:
+        te_only = clip is None and all(g.startswith("lora_te") for g in missing)
+        what = ("they are text-encoder weights: connect the CLIP input too" if te_only
+                else "the delta was made for another model: apply it to the model it was trained on")  # fmt: skip
         raise DeltaMismatchError(
             f"{source}: {len(missing)} of {len(groups)} LoRA modules match nothing in this model "
-            f"(first: {missing[0]!r}); the delta was made for another model: apply it to the model it was trained on"
+            f"(first: {missing[0]!r}); {what}"
         )
     return comfy.lora.load_lora(sd, key_map, log_missing=False)
 
 
 def apply_delta(model, delta: LoraDelta | dict, strength: float = 1.0, source: str | None = None):
     """A clone of `model` with the delta added as ComfyUI LoRA patches (stacks with other LoRAs)."""
+    return apply_delta_with_clip(model, None, delta, strength, source)[0]
+
+
+def apply_delta_with_clip(model, clip, delta: LoraDelta | dict, strength: float = 1.0, source: str | None = None):
+    """(model, clip) clones with the delta's patches at `strength`, as comfy.sd.load_lora_for_models(model,
+    clip, sd, strength, strength) does: each takes the patches that name its own weights. SurgUn deltas have
+    no text-encoder keys, so the CLIP comes back unpatched; clip may be None (then None comes back)."""
     sd = delta.state_dict() if isinstance(delta, LoraDelta) else delta
-    patches = delta_patches(model, sd, source or getattr(delta, "source", "delta"))
+    patches = delta_patches(model, sd, source or getattr(delta, "source", "delta"), clip)
     new = model.clone()
     new.add_patches(patches, strength)
-    return new
+    new_clip = None
+    if clip is not None:
+        new_clip = clip.clone()
+        new_clip.add_patches(patches, strength)
+    return new, new_clip

@@ -2,56 +2,20 @@
 
 Needs a ComfyUI checkout and a Python with its requirements (ComfyUI needs torchvision):
 COMFYUI_SRC=/tmp/comfyui/src /tmp/comfyui/.venv/bin/python -m pytest -q tests/comfyui/test_backend_inprocess.py
-Skipped when COMFYUI_SRC is unset or ComfyUI does not import.
+Skipped when COMFYUI_SRC is unset or ComfyUI does not import (comfy_tiny.py). SDXL, SD3 and Flux:
+test_backend_families.py.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-SRC = os.environ.get("COMFYUI_SRC", "")
-if not SRC:
-    pytest.skip("COMFYUI_SRC is not set (path of a ComfyUI checkout)", allow_module_level=True)
-sys.path.insert(0, SRC)  # ComfyUI is not an installable package: its checkout is the import root
-try:
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True  # what `main.py --cpu` sets; model_management reads it at import
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.model_sampling
-    import comfy.sd
-    import comfy.supported_models
-except ImportError as e:  # e.g. torchvision missing
-    pytest.skip(f"ComfyUI at {SRC} does not import here: {e}", allow_module_level=True)
-
-# a tiny SD1.5-shaped UNet (ComfyUI's openaimodel with comfy.ops layers), context 64 like the toy CLIP
-TINY_SD15 = dict(in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
-                 transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
-                 context_dim=64, use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
-                 use_spatial_transformer=True, legacy=False, image_size=8, use_checkpoint=False,
-                 use_temporal_resblock=False)  # fmt: skip
+from comfy_tiny import comfy, load_pack, tiny_model  # skips this module without ComfyUI
 
 
 @pytest.fixture(scope="module")
 def pack():
-    os.environ["SURGUN_CACHE"] = ""
-    name = "surgun_pack_inprocess"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    assert mod.IN_COMFYUI
-    return lambda sub: importlib.import_module(f"{name}.{sub}")
+    return load_pack()
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +23,6 @@ def toy(pack):
     tm = pack("nodes.toy_model")
     with torch.inference_mode():  # as a node: ComfyUI runs every node under inference mode
         return tm.load_toy_model(), tm.load_toy_clip()
-
-
-def _tiny_sd15():
-    """Built and filled under inference mode, as Load Checkpoint does: its weights are inference tensors."""
-    with torch.inference_mode():
-        base = comfy.supported_models.SD15(TINY_SD15).get_model({})
-        g = torch.Generator().manual_seed(0)
-        sd = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in base.diffusion_model.state_dict().items()}
-        base.diffusion_model.load_state_dict(sd)
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())  # fmt: skip
 
 
 def test_toy_loss_equals_diffusers_backend(pack, toy):
@@ -117,12 +70,12 @@ def test_sd15_shaped_trains_through_comfy_ops_and_loads_back(pack, toy):
     comfy_backend = pack("surgun_core.backends.comfy")
     erase = pack("surgun_core.surgun").erase
     EraseConfig = pack("surgun_core.config").EraseConfig
-    model = _tiny_sd15()
+    model = tiny_model("SD15")
     assert next(model.model.diffusion_model.parameters()).is_inference()
     backend = comfy_backend.ComfyBackend(model, toy[1], image_size=64)
     assert backend.architecture == "stable-diffusion-v1"
     cfg = EraseConfig(concepts=["circle"], distractors=["square", "ring"], steps=3, images_per_concept=2,
-                      sample_steps=2, batch_size=2)  # fmt: skip
+                      sample_steps=2, batch_size=2, blocks="cross-attn-kv", calibrate=False)  # fmt: skip
     with torch.inference_mode(), backend.training():
         result = erase(backend, cfg)
         result.lora.detach()
@@ -139,7 +92,7 @@ def test_sd15_shaped_trains_through_comfy_ops_and_loads_back(pack, toy):
 def test_lora_hooks_fire_on_comfy_cast_path(pack, toy):
     """comfy.ops layers with comfy_cast_weights skip nn.Linear.forward; module hooks still run."""
     LoRASet = pack("surgun_core.lora").LoRASet
-    backend = pack("surgun_core.backends.comfy").ComfyBackend(_tiny_sd15(), toy[1], image_size=64)
+    backend = pack("surgun_core.backends.comfy").ComfyBackend(tiny_model("SD15"), toy[1], image_size=64)
     with torch.inference_mode(), backend.training():
         lset = LoRASet(backend.lora_targets(r"attn2\."), 2, 2.0).attach()
         for layer in lset.layers.values():
@@ -163,3 +116,31 @@ def test_delta_for_another_model_is_refused(pack, toy):
           "lora_unet_no_such_block.lora_up.weight": torch.zeros(8, 2)}  # fmt: skip
     with pytest.raises(errors.DeltaMismatchError, match="another model"):
         comfy_backend.apply_delta(toy[0], sd, 1.0, source="other.safetensors")
+
+
+def test_apply_delta_node_with_and_without_clip(pack, toy, tmp_path):
+    """Apply Unlearning Delta: MODEL and CLIP out as LoraLoader gives them; without CLIP, the CLIP output is None."""
+    import folder_paths
+
+    node = pack("nodes.delta_nodes").SurgUnApplyDelta
+    model, clip = toy
+    targets = pack("surgun_core.backends.comfy").ComfyBackend(model, clip, image_size=16).lora_targets(r"attn2\.to_k$")
+    g = torch.Generator().manual_seed(0)
+    weights = {n: (torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g), 2.0)
+               for n, m in targets.items()}  # fmt: skip
+    delta = pack("surgun_core.lora").LoraDelta(weights)
+    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
+    delta.save(tmp_path / "erase.safetensors")
+    want_model, want_clip = comfy.sd.load_lora_for_models(model, clip, delta.state_dict(), 0.5, 0.5)
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        m1, c1 = node.execute(model, 0.5, delta=delta).result
+        m2, c2 = node.execute(model, 0.5, delta_file="erase.safetensors", clip=clip).result
+    assert c1 is None
+    assert set(m1.patches) == set(m2.patches) == set(want_model.patches) and len(m1.patches) == len(targets)
+    assert c2 is not clip and c2.patcher.is_clone(clip.patcher)  # a clone, as LoraLoader returns
+    assert c2.patcher.patches == want_clip.patcher.patches == {}  # no text-encoder keys in a SurgUn delta
+    with torch.inference_mode():
+        tokens = clip.tokenize("a red circle")
+        torch.testing.assert_close(c2.encode_from_tokens(tokens), clip.encode_from_tokens(tokens))
+    with pytest.raises(pack("surgun_core.errors").SurgUnError, match="both a delta input and delta_file"):
+        node.execute(model, 1.0, delta=delta, delta_file="erase.safetensors", clip=clip)

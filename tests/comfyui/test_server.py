@@ -8,55 +8,29 @@ Without COMFYUI_URL every test here is skipped (CI has no ComfyUI).
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
 
 import pytest
+from comfy_server import (
+    CLIENT_ID,
+    URL,
+    get_json,
+    image_bytes,
+    lora_files,
+    messages,
+    post_json,
+    requires_server,
+    run_prompt,
+)
 
-URL = os.environ.get("COMFYUI_URL", "").rstrip("/")
-pytestmark = pytest.mark.skipif(not URL, reason="COMFYUI_URL is not set: start ComfyUI with ../shared/tools/comfyui-up "
-                                "and export COMFYUI_URL=http://127.0.0.1:8188")  # fmt: skip
+pytestmark = requires_server
 
-SURGUN_NODES = ("SurgUnDemoModel", "SurgUnTrain", "SurgUnApplyDelta", "SurgUnSaveDelta")
+SURGUN_NODES = ("SurgUnDemoModel", "SurgUnTrain", "SurgUnApplyDelta", "SurgUnSaveDelta", "SurgUnConceptProbe",
+                "SurgUnLocalize")  # fmt: skip
 TOY_DISTRACTORS = "square\ntriangle\ncross\nring"
-
-
-def _get(path: str):
-    with urllib.request.urlopen(URL + path, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _post(path: str, body: dict | None = None):
-    data = json.dumps(body or {}).encode()
-    req = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as e:  # ComfyUI explains a rejected prompt in the body
-        raise AssertionError(f"POST {path}: {e.code} {e.read().decode(errors='replace')}") from e
-    return json.loads(raw) if raw else None
-
-
-def run_prompt(prompt: dict, timeout: float = 300) -> dict:
-    """POST /prompt, poll /history until the run ends; returns its history entry."""
-    pid = _post("/prompt", {"prompt": prompt, "client_id": "surgun-tests"})["prompt_id"]
-    end = time.time() + timeout
-    while time.time() < end:
-        hist = _get(f"/history/{pid}")
-        if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-            entry = hist[pid]
-            if entry["status"]["status_str"] in ("success", "error"):
-                return entry
-        time.sleep(0.5)
-    raise TimeoutError(f"prompt {pid} did not finish in {timeout} s")
-
-
-def _messages(entry: dict) -> dict:
-    return {kind: data for kind, data in entry["status"].get("messages", [])}
 
 
 def _train_graph(concepts: str, steps: int = 3, prefix: str | None = None, lr: float = 0.006) -> dict:
@@ -66,7 +40,7 @@ def _train_graph(concepts: str, steps: int = 3, prefix: str | None = None, lr: f
             "class_type": "SurgUnTrain",
             "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": concepts, "distractors": TOY_DISTRACTORS,
                        "kind": "object", "steps": steps, "learning_rate": lr, "rank": 4,
-                       "blocks": "cross-attn-kv", "guidance": 4.0, "seed": 0},
+                       "blocks": "cross-attn-kv", "calibration": False, "guidance": 4.0, "seed": 0},
         },
     }  # fmt: skip
     if prefix is not None:
@@ -91,17 +65,8 @@ def _sample_graph(model_node: dict, seed: int = 7) -> dict:
     }  # fmt: skip
 
 
-def _image_bytes(entry: dict) -> list[bytes]:
-    out = []
-    for img in entry["outputs"]["s"]["images"]:
-        q = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
-        with urllib.request.urlopen(f"{URL}/view?{q}", timeout=30) as r:
-            out.append(r.read())
-    return out
-
-
 def test_object_info_lists_nodes_with_tooltips():
-    info = _get("/object_info")
+    info = get_json("/object_info")
     for node in SURGUN_NODES:
         assert node in info, f"{node} missing from /object_info"
         spec = info[node]
@@ -120,58 +85,54 @@ def test_train_save_then_stock_lora_loader():
     graph["k"]["inputs"]["model"] = ["2", 0]  # sample with Train's erased MODEL
     del graph["m"]
     entry = run_prompt(graph)
-    assert entry["status"]["status_str"] == "success", _messages(entry)
+    assert entry["status"]["status_str"] == "success", messages(entry)
     saved = entry["outputs"]["3"]["text"][0]
     assert saved.startswith("saved models/loras/" + prefix)
     name = saved.removeprefix("saved models/loras/")
-    assert name in _lora_files()
+    assert name in lora_files()
 
     loader = {"model": ["1", 0], "lora_name": name, "strength_model": 1.0}
     stock = run_prompt(_sample_graph({"class_type": "LoraLoaderModelOnly", "inputs": loader}))
-    assert stock["status"]["status_str"] == "success", _messages(stock)
+    assert stock["status"]["status_str"] == "success", messages(stock)
     apply = {"model": ["1", 0], "strength": 1.0, "delta_file": name}
     ours = run_prompt(_sample_graph({"class_type": "SurgUnApplyDelta", "inputs": apply}))
-    assert ours["status"]["status_str"] == "success", _messages(ours)
-    assert _image_bytes(stock) == _image_bytes(ours) == _image_bytes(entry)
+    assert ours["status"]["status_str"] == "success", messages(ours)
+    assert image_bytes(stock, "s") == image_bytes(ours, "s") == image_bytes(entry, "s")
     base = run_prompt(_sample_graph({"class_type": "LoraLoaderModelOnly", "inputs": {**loader, "strength_model": 0.0}}))
-    assert _image_bytes(base) != _image_bytes(stock), "the delta did not change the image at all"
+    assert image_bytes(base, "s") != image_bytes(stock, "s"), "the delta did not change the image at all"
 
 
 def test_empty_concept_fails_with_message():
     entry = run_prompt(_train_graph("  \n# only a comment\n", steps=1, prefix="surgun-test/never-written"))
     assert entry["status"]["status_str"] == "error"
-    err = _messages(entry)["execution_error"]
+    err = messages(entry)["execution_error"]
     assert err["node_type"] == "SurgUnTrain"
     assert "concepts" in err["exception_message"] and "empty" in err["exception_message"], err["exception_message"]
 
 
-def _lora_files() -> list[str]:
-    return _get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]["lora_name"][0]
-
-
 def test_interrupt_during_train_writes_no_file():
     prefix = f"surgun-test/interrupted-{uuid.uuid4().hex[:8]}"
-    pid = _post("/prompt", {"prompt": _train_graph("circle", steps=5000, prefix=prefix), "client_id": "surgun-tests"})
+    pid = post_json("/prompt", {"prompt": _train_graph("circle", steps=5000, prefix=prefix), "client_id": CLIENT_ID})
     pid = pid["prompt_id"]
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until it runs (the queue may hold earlier work)
-        running = [item[1] for item in _get("/queue")["queue_running"]]
+        running = [item[1] for item in get_json("/queue")["queue_running"]]
         if pid in running:
             break
         time.sleep(0.2)
     time.sleep(3)  # inside Train: generating images or training
-    _post("/interrupt")
+    post_json("/interrupt")
     end = time.time() + 120
     while time.time() < end:
-        hist = _get(f"/history/{pid}")
+        hist = get_json(f"/history/{pid}")
         if pid in hist and hist[pid]["status"].get("completed") is not None:
             break
         time.sleep(0.5)
-    entry = _get(f"/history/{pid}")[pid]
+    entry = get_json(f"/history/{pid}")[pid]
     assert entry["status"]["status_str"] == "error"
-    interrupted = _messages(entry).get("execution_interrupted")
+    interrupted = messages(entry).get("execution_interrupted")
     assert interrupted and interrupted["node_type"] == "SurgUnTrain", entry["status"]["messages"]
-    assert not [f for f in _lora_files() if f.startswith(prefix)]
+    assert not [f for f in lora_files() if f.startswith(prefix)]
 
 
 def test_missing_delta_file_is_refused_with_message():

@@ -1,0 +1,150 @@
+"""`surgun bench`: every method on the same toy concepts, seeds and prompts, in one run, one table.
+
+For each concept (every shape and every colour by default) each method erases it from the shipped toy
+model; the ground-truth classifier judges images of every (shape, colour) pair from the base and the
+erased model (same seeds): UA, IRA, CRA, H, drift (toyworld/evaluate.py), the method's seconds (SurgUn:
+localization, image generation, training and calibration included) and its peak memory (the rise above
+the memory in use when it started). The base model's images are drawn once and shared. Also reported: how
+often the diffusion classifier (the scorer real-checkpoint users get) agrees with the ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .bench_methods import MAIN_METHODS, METHODS, check_methods, run_method
+from .charts import plot_curve
+from .io import atomic_path, write_json
+from .probe import DiffusionScorer
+from .toyworld import load_toy_backend, load_toy_classifier
+from .toyworld.evaluate import concept_kind, erase_metrics, generate_toy, toy_prompts
+from .toyworld.world import COLOURS, EVAL_TEMPLATE, HELDOUT_TEMPLATES, SHAPES
+
+log = logging.getLogger(__name__)
+KEYS = ("ua", "ira", "cra", "h", "drift", "seconds", "peak_mem_mb")
+
+
+class PeakMemory:
+    """Peak memory of a block above its starting point: CUDA allocator stats, or sampled RSS on CPU (MB)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated() / 2**20
+            return self
+        self._start = self._peak = self._rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, self._rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self._start
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self._peak, self._rss_mb()) - self._start
+
+
+def run_bench(concepts: list[str] | None = None, methods: list[str] | None = None, quick: bool = False,
+              seeds_per_pair: int | None = None, out_dir: str | Path = "surgun-bench", json_path=None,
+              progress=None, overrides: dict | None = None, sample_steps: int = 20) -> dict:  # fmt: skip
+    """Run the benchmark; write bench.md, bench.json and the calibration plots into out_dir. Returns the JSON.
+
+    Args:
+        overrides: smaller runs for tests (bench_methods.run_method); None for the real benchmark.
+    """
+    concepts = concepts or (["circle"] if quick else [*SHAPES, *COLOURS])
+    for c in concepts:
+        concept_kind(c)  # a concept the toy world does not know is refused with the known list
+    methods = check_methods(methods or (MAIN_METHODS if quick else METHODS))
+    seeds = seeds_per_pair or (1 if quick else 2)
+    out = Path(out_dir)
+    backend, clf = load_toy_backend(), load_toy_classifier()
+    rows = toy_prompts(seeds, (EVAL_TEMPLATE, HELDOUT_TEMPLATES[0]))
+    t0 = time.time()
+    before = generate_toy(backend, rows, sample_steps)
+    judge = DiffusionScorer(backend, "object", ["a {}"])
+    agree = [_agreement(judge, backend, before, clf)]
+    per: dict[str, dict[str, dict]] = {m: {} for m in methods}
+    settings: dict[str, dict] = {}
+    for ci, concept in enumerate(concepts):
+        for mi, m in enumerate(methods):
+            log.info("bench: %s on %r (%d/%d)", m, concept, ci * len(methods) + mi + 1, len(concepts) * len(methods))
+            with PeakMemory(backend.device) as mem:
+                run = run_method(m, backend, concept, quick=quick, progress=progress, overrides=overrides)
+            try:
+                after = generate_toy(backend, rows, sample_steps)
+                if m == "surgun":
+                    agree.append(_agreement(judge, backend, after, clf))
+            finally:
+                run.undo()
+            per[m][concept] = {**erase_metrics(before, after, clf, concept), "seconds": run.seconds,
+                               "peak_mem_mb": mem.peak_mb}  # fmt: skip
+            settings.setdefault(m, run.settings)
+            if run.calibration is not None:
+                plot_curve(run.calibration, out / f"calibration-{m}-{concept}.png", f"{m}: erase {concept!r}")
+    table = {m: {k: sum(r[k] for r in per[m].values()) / len(per[m]) for k in KEYS} for m in methods}
+    n_agree = sum(a[1] for a in agree)
+    report = {
+        "methods": table,
+        "per_concept": per,
+        "settings": settings,
+        "concepts": concepts,
+        "quick": quick,
+        "seeds_per_pair": seeds,
+        "images_per_method_and_concept": len(rows),
+        "diffusion_classifier_agreement": sum(a[0] * a[1] for a in agree) / max(1, n_agree),
+        "diffusion_classifier_images": n_agree,
+        "seconds_total": time.time() - t0,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {backend.device}",
+    }
+    write_json(Path(json_path) if json_path else out / "bench.json", report)
+    with atomic_path(out / "bench.md") as tmp:
+        tmp.write_text(format_markdown(report))
+    return report
+
+
+def _agreement(judge: DiffusionScorer, backend, imgs, clf) -> tuple[float, int]:
+    """Share of images where the diffusion classifier names the same shape and colour as the ground truth."""
+    x0 = imgs.images * 2 - 1  # the toy model works in pixel space: x0 is the image in [-1, 1]
+    shapes, colours = clf.predict(x0)
+    js = judge.predict(x0, list(SHAPES))
+    judge_c = DiffusionScorer(backend, "style", ["{} artwork"], timesteps=judge.timesteps)
+    jc = judge_c.predict(x0, list(COLOURS))
+    hits = [a == b for a, b in zip(js, shapes)] + [a == b for a, b in zip(jc, colours)]
+    return sum(hits) / len(hits), len(hits)
+
+
+def format_markdown(report: dict) -> str:
+    lines = ["| method | UA | IRA | CRA | H | drift | seconds | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    for m, r in report["methods"].items():
+        lines.append(f"| {m} | {r['ua']:.3f} | {r['ira']:.3f} | {r['cra']:.3f} | {r['h']:.3f} | {r['drift']:.3f} | "
+                     f"{r['seconds']:.0f} | {r['peak_mem_mb']:.0f} |")  # fmt: skip
+    lines += ["", f"Concepts: {', '.join(report['concepts'])}; {report['seeds_per_pair']} seed(s) per (shape, colour) "
+              f"pair and prompt, {report['images_per_method_and_concept']} images per method and concept; "
+              f"{'quick run (baselines at reduced iterations)' if report['quick'] else 'full run'}; "
+              f"{report['machine']}.",
+              f"Diffusion-classifier agreement with the ground truth: {report['diffusion_classifier_agreement']:.3f} "
+              f"over {report['diffusion_classifier_images']} judgements (base and SurgUn-erased images)."]  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,100 @@
+"""The methods `surgun bench` compares: SurgUn, its ablations, and the baselines (ESD-x/-u, UCE, CA).
+
+Each method erases one toy concept from the toy backend and returns a MethodRun whose `undo()` puts the
+model back, so every method sees the same base model, concepts, seeds and probe prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from .baselines import BASELINES, run_baseline
+from .cache import ImageCache
+from .demo import toy_config
+from .errors import ConfigError
+from .localize import clear_memory_cache
+from .surgun import erase
+from .toyworld.evaluate import concept_kind
+from .toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
+
+
+@dataclass
+class MethodRun:
+    seconds: float
+    undo: Callable[[], None]
+    settings: dict = field(default_factory=dict)
+    calibration: object | None = None  # SurgUn: its CalibrationResult, drawn by the bench
+
+
+# SurgUn ablations (the paper claims each part is needed): EraseConfig overrides on the toy recipe
+ABLATIONS: dict[str, dict] = {
+    "surgun": {},
+    "surgun-no-distractors": {"use_distractors": False, "use_contrast": False, "use_ascent": True},
+    "surgun-one-distractor": {"one_distractor": True},
+    "surgun-no-contrast": {"use_contrast": False},
+    "surgun-no-localization": {"blocks": "cross-attn-kv"},
+    "surgun-no-calibration": {"calibrate": False},
+}
+METHODS = [*ABLATIONS, *BASELINES]
+MAIN_METHODS = ["surgun", *BASELINES]
+
+
+def check_methods(names: list[str]) -> list[str]:
+    bad = [n for n in names if n not in METHODS]
+    if bad:
+        raise ConfigError("methods", f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+@contextlib.contextmanager
+def _no_disk_cache() -> Iterator[None]:
+    """Every method pays for its own images and localization: no cache from earlier runs or methods."""
+    old = os.environ.get("SURGUN_CACHE")
+    os.environ["SURGUN_CACHE"] = ""
+    clear_memory_cache()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SURGUN_CACHE", None)
+        else:
+            os.environ["SURGUN_CACHE"] = old
+
+
+def run_method(name: str, backend, concept: str, *, quick: bool = False, seed: int = 0, progress=None,
+               overrides: dict | None = None) -> MethodRun:  # fmt: skip
+    """Erase `concept` from the toy `backend` with method `name`; undo() restores the base model.
+
+    Args:
+        overrides: smaller runs (tests): EraseConfig settings for SurgUn methods; "baseline_iterations",
+            "baseline_lr" and "baseline_options" ({method: options}) for the baselines. None: the toy recipe and
+            the papers' defaults.
+    """
+    overrides = dict(overrides or {})
+    b_its, b_lr = overrides.pop("baseline_iterations", None), overrides.pop("baseline_lr", None)
+    b_opts = overrides.pop("baseline_options", {}).get(name, {})
+    kind = concept_kind(concept)
+    pool = SHAPES if kind == "object" else COLOURS
+    others = [c for c in pool if c != concept]
+    with _no_disk_cache():
+        if name in ABLATIONS:
+            ablation = dict(ABLATIONS[name])
+            if ablation.pop("one_distractor", False):
+                ablation.update(distractors=others[:1], distractors_per_step=1)
+            cfg = toy_config(concept, seed=seed, **{**overrides, **ablation})
+            res = erase(backend, cfg, progress=progress, cache=ImageCache(None))
+            settings = {"steps": cfg.steps, "lr": cfg.lr, "blocks": res.delta.metadata["surgun.blocks"],
+                        "step_chosen": int(res.delta.metadata["surgun.step_chosen"])}  # fmt: skip
+            return MethodRun(res.seconds, res.lora.detach, settings, res.calibration)
+        templates = [t.replace("{s}", "{}").replace("{c}", "{}") for t in
+                     (OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES)]  # fmt: skip
+        quick_its = {"esd-x": 200, "esd-u": 200} if quick else {}
+        if quick and name == "ca":  # its 200 anchor images at 50 steps are most of its time
+            b_opts = {"n_images": 48, "sample_steps": 20, **b_opts}
+        its = b_its if b_its is not None and name != "uce" else quick_its.get(name)
+        res = run_baseline(name, backend, concept, templates=templates, preserve=others, anchor=others[0], seed=seed,
+                           iterations=its, lr=b_lr if name != "uce" else None, progress=progress, **b_opts)  # fmt: skip
+        return MethodRun(res.seconds, res.restore, dict(res.settings))

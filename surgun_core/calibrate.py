@@ -1,0 +1,72 @@
+"""Checkpoint calibration (DESIGN.md section 1): which training step to ship.
+
+The LoRA is kept every N steps; each checkpoint's probe images are scored for erase and retain. The
+chosen step is the one that reaches the erase threshold with the highest retain (ties: the earliest);
+if none reaches it, the best harmonic mean. The whole curve is returned, stored in the delta's metadata
+and drawn as a PNG (charts.plot_curve), so a user can see why that step was chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+from .backends.base import Backend
+from .errors import Cancelled
+from .lora import LoRASet
+from .probe import ProbeSet, Scorer, score_probe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationResult:
+    chosen_step: int
+    threshold: float
+    reason: str
+    curve: list[dict] = field(default_factory=list)  # {"step", "erase", "retain", "h"} per checkpoint
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_step(curve: list[dict], threshold: float) -> tuple[int, str]:
+    """The documented rule over {"step", "erase", "retain", "h"} rows. Returns (step, why).
+
+    Among the checkpoints with erase >= threshold: highest retain, then earliest. None there: highest h
+    (then earliest).
+    """
+    if not curve:
+        raise ValueError("calibration needs at least one checkpoint")
+    ok = [r for r in curve if r["erase"] >= threshold]
+    if ok:
+        best = min(ok, key=lambda r: (-r["retain"], r["step"]))
+        return best["step"], (f"earliest step with erase >= {threshold:g} and the highest retain "
+                              f"({best['retain']:.2f})")  # fmt: skip
+    best = min(curve, key=lambda r: (-r["h"], r["step"]))
+    return best["step"], f"no step reached erase {threshold:g}; best harmonic mean of erase and retain"
+
+
+def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict]], scorer: Scorer,
+              probe: ProbeSet, threshold: float = 0.9, steps: int = 20, guidance: float | None = None,
+              progress=None, cancel=None) -> CalibrationResult:  # fmt: skip
+    """Score each (step, LoRA state) on the probe set; leave `lora` holding the chosen checkpoint.
+
+    Args:
+        lora: the attached LoRASet the checkpoints were taken from.
+        checkpoints: (step, LoRASet.snapshot()) in step order.
+    """
+    progress = progress or (lambda *a: None)
+    curve = []
+    progress("calibrate", 0, len(checkpoints), {})
+    for i, (step, state) in enumerate(checkpoints):
+        if cancel is not None and cancel():
+            raise Cancelled("erase cancelled by the user during calibration; nothing was written")
+        lora.restore(state)
+        sc = score_probe(backend, scorer, probe, steps, guidance, judge=lora.disabled)
+        curve.append({"step": step, "erase": sc.erase, "retain": sc.retain, "h": sc.h})
+        log.info("calibration: step %5d  erase %.2f  retain %.2f", step, sc.erase, sc.retain)
+        progress("calibrate", i + 1, len(checkpoints), {"erase": sc.erase, "retain": sc.retain})
+    chosen, why = choose_step(curve, threshold)
+    lora.restore(dict(checkpoints)[chosen])
+    return CalibrationResult(chosen, threshold, why, curve)

@@ -1,0 +1,202 @@
+"""Pixel-grounded localization (DESIGN.md section 1): which attention blocks should carry the erasure.
+
+Candidate groups are attention blocks grouped by resolution level (UNet: down/mid/up x channel width, for
+cross-attention K/V or self-attention) or by depth (DiT: early/middle/late thirds of the blocks). Each
+group gets a short SurgUn run restricted to it; probe images (fixed seeds) are generated and scored for
+erase and retain; the groups that reach the erase threshold with the best retain are kept (else the best
+harmonic mean). Suppression works from almost any block; retention is block-selective (paper), so the
+ranking is mostly a retain ranking. Results are cached per (model fingerprint, concepts, settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .backends.base import Backend
+from .cache import ImageCache, default_cache_dir
+from .config import EraseConfig
+from .errors import ConfigError
+from .io import write_json
+from .probe import ProbeSet, Scorer, judge_templates, make_scorer, probe_set, score_probe
+
+log = logging.getLogger(__name__)
+
+ATTENTION_KINDS = ("cross", "self", "all")
+_UNET_LEVEL = re.compile(r"^(down_blocks|up_blocks|input_blocks|output_blocks)\.(\d+)\.|^(mid_block|middle_block)\.")
+_DIT_BLOCK = re.compile(r"^(transformer_blocks|double_blocks|single_blocks|joint_blocks)\.(\d+)\.")
+_SIDE = {"down_blocks": "down", "input_blocks": "down", "up_blocks": "up", "output_blocks": "up"}
+
+
+@dataclass
+class BlockGroup:
+    name: str  # e.g. "cross down 640", "self up 320", "dit middle"
+    modules: list[str]
+
+    @property
+    def pattern(self) -> str:
+        """A regular expression matching exactly this group's layers (EraseConfig.blocks accepts it)."""
+        return "^(?:" + "|".join(re.escape(m) for m in self.modules) + ")$"
+
+
+@dataclass
+class LocalizeResult:
+    chosen: list[str]  # names of the chosen groups, best first
+    pattern: str  # regular expression over the chosen groups' layers
+    groups: list[dict] = field(default_factory=list)  # every group: name, layers, erase, retain, h (ranked)
+    seconds: float = 0.0
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def candidate_groups(backend: Backend, attention: str = "cross") -> list[BlockGroup]:
+    """The attention block groups of `backend`'s denoiser, in model order.
+
+    Args:
+        attention: "cross" (cross-attention K/V, UNets), "self" (self-attention), or "all".
+    Returns:
+        One group per (attention kind, level); DiTs (no separate cross-attention): early/middle/late thirds.
+    """
+    if attention not in ATTENTION_KINDS:
+        raise ConfigError("localize_attention", f"unknown {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+    linears = backend.attention_linears()
+    blocks = sorted({(m.group(1), int(m.group(2))) for n in linears if (m := _DIT_BLOCK.match(n))})
+    wanted = {"cross": ("cross", "joint"), "self": ("self", "joint"), "all": ("cross", "self", "joint")}[attention]
+    groups: dict[str, list[str]] = {}
+    for name, mod in linears.items():
+        if ".attn2." in name:  # cross-attention: its K/V read the prompt (the SurgUn default layers)
+            kind = "cross" if re.search(r"\.(to_k|to_v)$", name) else None
+        else:  # self-attention (attn1) or a DiT's joint text-image attention
+            kind = "self" if ".attn1." in name else "joint"
+        if kind not in wanted:
+            continue
+        if m := _UNET_LEVEL.match(name):  # UNet: resolution level = side and channel width
+            level = f"{_SIDE.get(m.group(1) or '', 'mid')} {_width(name, mod)}"
+        elif m := _DIT_BLOCK.match(name):  # DiT: depth third of its block stack
+            same = [i for s, i in blocks if s == m.group(1)]
+            level = ("early", "middle", "late")[min(2, 3 * same.index(int(m.group(2))) // len(same))]
+            level = level if m.group(1) == "transformer_blocks" else f"{m.group(1)} {level}"
+        else:
+            continue
+        groups.setdefault(f"{kind} {level}", []).append(name)
+    if not groups:
+        raise ConfigError("blocks", "found no attention block groups to localize over; give blocks explicitly "
+                          "(a preset or a regular expression)")  # fmt: skip
+    return [BlockGroup(k, v) for k, v in groups.items()]
+
+
+def _width(name: str, mod) -> int:
+    """The attention's inner width (the level's channel count in SD UNets): to_out reads it, to_q/k/v write it."""
+    return mod.in_features if name.endswith(("to_out.0", "to_out")) else mod.out_features
+
+
+def choose_groups(rows: list[dict], threshold: float, keep: int) -> list[str]:
+    """`keep` groups: those reaching erase >= threshold, best retain first (ties: higher erase), then, while
+    fewer than `keep` reach it, the others by harmonic mean (more capacity for a concept a short run on one
+    group did not erase).
+
+    Args:
+        rows: dicts with name, erase, retain, h.
+    Returns:
+        Up to `keep` group names, best first.
+    """
+    ok = sorted([r for r in rows if r["erase"] >= threshold], key=lambda r: (-r["retain"], -r["erase"]))
+    rest = sorted([r for r in rows if r["erase"] < threshold], key=lambda r: (-r["h"], -r["erase"]))
+    return [r["name"] for r in (ok + rest)[:keep]]
+
+
+def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet, *, progress=None, cancel=None,
+             cache: ImageCache | None = None, cache_dir: Path | None = None) -> LocalizeResult:  # fmt: skip
+    """Rank the candidate groups by short runs; return the chosen ones (cached on disk when a folder is set)."""
+    from .surgun import train_delta  # the training loop; imported here to keep the module graph acyclic
+
+    t0 = time.time()
+    progress = progress or (lambda *a: None)
+    groups = candidate_groups(backend, cfg.localize_attention)
+    folder = cache_dir if cache_dir is not None else _cache_folder()
+    key = _key(backend, cfg, scorer, probe, groups)
+    hit = _load(folder, key)
+    if hit is not None:
+        log.info("localization: cached result %s", hit.chosen)
+        return hit
+    short = _short_config(cfg)
+    rows = []
+    progress("localize", 0, len(groups), {})
+    for i, grp in enumerate(groups):
+        res = train_delta(backend, short, grp.pattern, cancel=cancel, cache=cache)
+        try:  # probe images drawn with the group's LoRA on; the judge sees the base model (LoRA off)
+            sc = score_probe(backend, scorer, probe, cfg.sample_steps, cfg.guidance, judge=res.lora.disabled)
+        finally:
+            res.lora.detach()
+        rows.append({"name": grp.name, "layers": len(grp.modules), "erase": sc.erase, "retain": sc.retain,
+                     "h": sc.h})  # fmt: skip
+        log.info("localization: %-22s erase %.2f retain %.2f", grp.name, sc.erase, sc.retain)
+        progress("localize", i + 1, len(groups), {"erase": sc.erase, "retain": sc.retain})
+    chosen = choose_groups(rows, cfg.erase_threshold, cfg.localize_keep)
+    by_name = {g.name: g for g in groups}
+    modules = [m for name in chosen for m in by_name[name].modules]
+    ranked = sorted(rows, key=lambda r: chosen.index(r["name"]) if r["name"] in chosen else len(chosen) + 1)
+    result = LocalizeResult(chosen, BlockGroup("chosen", modules).pattern, ranked, time.time() - t0)
+    _store(folder, key, result)
+    return result
+
+
+def localize_for(backend: Backend, cfg: EraseConfig, progress=None, cancel=None,
+                 cache: ImageCache | None = None) -> LocalizeResult:  # fmt: skip
+    """Localization alone, with the erasure's own probe set and scorer (the SurgUn Localize node's call)."""
+    probe = probe_set(cfg)
+    scorer = make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
+    return localize(backend, cfg, scorer, probe, progress=progress, cancel=cancel, cache=cache)
+
+
+def _short_config(cfg: EraseConfig) -> EraseConfig:
+    data = cfg.to_dict()
+    data.update(steps=cfg.localize_steps, checkpoint_every=0)
+    return EraseConfig.from_dict(data)
+
+
+def _key(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet, groups: list[BlockGroup]) -> str:
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "steps", "checkpoint_every",
+                                                                      "calibrate", "blocks")}  # fmt: skip
+    raw = json.dumps([backend.fingerprint(), backend.sampler_id(), settings, scorer.name, asdict(probe),
+                      [g.name for g in groups]], sort_keys=True, default=str)  # fmt: skip
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _cache_folder() -> Path | None:
+    images = default_cache_dir()
+    return None if images is None else images.parent / "localize"
+
+
+_MEMORY: dict[str, dict] = {}
+
+
+def clear_memory_cache() -> None:
+    """Forget localizations done in this process (the benchmark times each method from scratch)."""
+    _MEMORY.clear()
+
+
+def _load(folder: Path | None, key: str) -> LocalizeResult | None:
+    data = _MEMORY.get(key)
+    if data is None and folder is not None and (folder / f"{key}.json").is_file():
+        try:
+            data = json.loads((folder / f"{key}.json").read_text())
+        except (OSError, ValueError) as e:  # a damaged entry is recomputed, never trusted
+            log.warning("ignoring damaged localization cache %s (%s)", key, e)
+    if data is None:
+        return None
+    return LocalizeResult(**{**data, "cached": True})
+
+
+def _store(folder: Path | None, key: str, result: LocalizeResult) -> None:
+    data = {**result.to_dict(), "cached": False}
+    _MEMORY[key] = data
+    if folder is not None:
+        write_json(folder / f"{key}.json", data)

@@ -1,0 +1,229 @@
+"""Scorers: who judges whether a generated image shows a concept (DESIGN.md section 2, probe.py).
+
+Every scorer answers one question: for each image, which of these labels does it show? The probe set
+(prompts with the erased concepts and prompts with retained ones, fixed seeds) turns those answers into
+an erase score (share of erased-prompt images NOT judged as the erased concept) and a retain score (share
+of retained-prompt images judged as their own concept). Localization and calibration use them.
+
+Scorers (registry SCORERS):
+  toy        the toy world's ground-truth classifier (toy shapes and colours only)
+  diffusion  the base model itself as a zero-shot judge (Li et al., "Your Diffusion Model is Secretly a
+             Zero-Shot Classifier", ICCV 2023, arXiv 2303.16203): the label whose prompt best denoises the
+             image, over fixed timesteps and noise. Needs no extra weights: what real-checkpoint users get.
+  clip       a CLIP model from a local folder (transformers format), zero-shot over the label prompts
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backends.base import Backend, cond_select
+from .concepts import templates_for
+from .config import EraseConfig
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PROBE_SEED = 7_000_000  # probe images use seeds far from the training images' seeds
+Judge = Callable[[], contextlib.AbstractContextManager]  # a context in which the model is the base model
+
+
+class Scorer(ABC):
+    name: str
+
+    @abstractmethod
+    def predict(self, x0: torch.Tensor, labels: list[str]) -> list[str]:
+        """The label each sample (backend sample space, (N, C, H, W)) shows, one of `labels`."""
+
+
+class ToyScorer(Scorer):
+    """Ground truth for the toy world: its shipped shape/colour classifier."""
+
+    name = "toy"
+
+    def __init__(self, backend: Backend, classifier=None) -> None:
+        from .toyworld import load_toy_classifier
+
+        self.backend = backend
+        self.clf = classifier or load_toy_classifier()
+
+    def predict(self, x0: torch.Tensor, labels: list[str]) -> list[str]:
+        from .toyworld.world import COLOURS, SHAPES
+
+        images = torch.cat([self.backend.decode(x0[i : i + 64].to(self.backend.device)).float().cpu()
+                            for i in range(0, len(x0), 64)])  # fmt: skip
+        shapes, colours = self.clf.predict(images * 2 - 1)
+        if set(labels) <= set(SHAPES):
+            return shapes
+        if set(labels) <= set(COLOURS):
+            return colours
+        raise ConfigError("scorer", f"the toy scorer judges toy shapes ({', '.join(SHAPES)}) or colours "
+                          f"({', '.join(COLOURS)}), not {sorted(set(labels) - set(SHAPES) - set(COLOURS))}; "
+                          "use the diffusion scorer for other concepts")  # fmt: skip
+
+
+class DiffusionScorer(Scorer):
+    """The base model as a zero-shot classifier: argmin over labels of its denoising error.
+
+    Each image is noised at `timesteps` fixed timesteps with fixed noise; every label is scored on the
+    same noisy inputs (paired comparison: the noise cancels out), averaged over the label's prompt
+    templates. Run it on the BASE model (score_probe's `judge` context, e.g. LoRASet.disabled).
+    """
+
+    name = "diffusion"
+
+    def __init__(self, backend: Backend, kind: str = "object", templates: list[str] | None = None,
+                 timesteps: int = 4, batch_size: int = 128, seed: int = 0) -> None:  # fmt: skip
+        self.backend = backend
+        self.templates = list(templates or templates_for(kind)[:2])
+        self.timesteps = timesteps
+        self.batch_size = batch_size
+        self.seed = seed
+
+    @torch.no_grad()
+    def errors(self, x0: torch.Tensor, labels: list[str]) -> torch.Tensor:
+        """(N, L) mean denoising error of each sample under each label's prompts."""
+        b, obj = self.backend, self.backend.objective
+        n, k = len(x0), self.timesteps
+        t = obj.t_grid(k).repeat(n)  # (N*k,) image-major
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((k, *x0.shape[1:]), generator=g).repeat(n, 1, 1, 1)  # same noise for every image
+        x = x0.repeat_interleave(k, 0)
+        prompts = [tpl.format(lab) for lab in labels for tpl in self.templates]
+        cond = b.encode(prompts)
+        err = torch.zeros(n * k, len(prompts))
+        for i in range(0, n * k, self.batch_size):
+            xs, ts, es = x[i : i + self.batch_size], t[i : i + self.batch_size], noise[i : i + self.batch_size]
+            xs, es = xs.to(b.device, b.dtype), es.to(b.device, b.dtype)
+            x_t = obj.noisy(xs, es, ts.to(b.device))
+            target = obj.target(xs, es, ts.to(b.device)).float()
+            tm = obj.model_time(ts).to(b.device)
+            for j in range(len(prompts)):
+                pred = b.predict(x_t, tm, cond_select(cond, [j] * len(xs))).float()
+                err[i : i + len(xs), j] = ((pred - target) ** 2).flatten(1).mean(1).cpu()
+        per_prompt = err.view(n, k, len(labels), len(self.templates))
+        return per_prompt.mean(dim=(1, 3))
+
+    def predict(self, x0: torch.Tensor, labels: list[str]) -> list[str]:
+        best = self.errors(x0, labels).argmin(1)
+        return [labels[i] for i in best]
+
+
+class ClipScorer(Scorer):
+    """CLIP zero-shot from a local folder (transformers CLIPModel + CLIPProcessor); nothing is downloaded."""
+
+    name = "clip"
+
+    def __init__(self, backend: Backend, path: str | Path | None, kind: str = "object",
+                 templates: list[str] | None = None) -> None:  # fmt: skip
+        if not path or not Path(path).is_dir():
+            raise ConfigError("clip_path", f"the clip scorer needs a local CLIP folder (transformers format), got "
+                              f"{path!r}; give its path or use the diffusion scorer")  # fmt: skip
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.backend = backend
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+        self.proc = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        self.templates = list(templates or templates_for(kind)[:1])
+
+    @torch.no_grad()
+    def predict(self, x0: torch.Tensor, labels: list[str]) -> list[str]:
+        images = [self.backend.decode(x0[i : i + 1].to(self.backend.device)).float().cpu()[0] for i in range(len(x0))]
+        texts = [tpl.format(lab) for lab in labels for tpl in self.templates]
+        inp = self.proc(text=texts, images=[im.permute(1, 2, 0).numpy() for im in images], return_tensors="pt",
+                        padding=True, do_rescale=False)  # fmt: skip
+        logits = self.model(**inp).logits_per_image.view(len(images), len(labels), len(self.templates)).mean(2)
+        return [labels[i] for i in logits.argmax(1)]
+
+
+SCORERS: dict[str, type[Scorer]] = {"diffusion": DiffusionScorer, "toy": ToyScorer, "clip": ClipScorer}
+
+
+def make_scorer(name: str, backend: Backend, kind: str = "object", *, clip_path: str | None = None,
+                templates: list[str] | None = None, classifier=None) -> Scorer:  # fmt: skip
+    """A scorer by registry name; an unknown name lists the valid ones."""
+    if name == "toy":
+        return ToyScorer(backend, classifier)
+    if name == "diffusion":
+        return DiffusionScorer(backend, kind, templates)
+    if name == "clip":
+        return ClipScorer(backend, clip_path, kind, templates)
+    raise ConfigError("scorer", f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
+
+
+@dataclass
+class ProbeSet:
+    """Prompts with the erased concepts and with retained ones (same kind), fixed seeds."""
+
+    erased: list[str]
+    retained: list[str]
+    templates: list[str]
+    seeds: list[int] = field(default_factory=lambda: [1000, 1001])
+
+    def rows(self) -> list[tuple[str, str, int]]:
+        """(prompt, label, seed) for every concept x template x seed; erased concepts first."""
+        return [(tpl.format(c), c, s) for c in self.erased + self.retained for tpl in self.templates
+                for s in self.seeds]  # fmt: skip
+
+    @property
+    def labels(self) -> list[str]:
+        return self.erased + self.retained
+
+
+def probe_set(cfg: EraseConfig) -> ProbeSet:
+    """The probe prompts of an erasure: its concepts and the first few distractors (same kind), fixed seeds."""
+    templates = cfg.probe_templates or (cfg.templates or list(templates_for(cfg.kind)))[:2]
+    retained = cfg.resolved_distractors()[: cfg.probe_retained]
+    return ProbeSet(list(cfg.concepts), retained, templates, [PROBE_SEED + i for i in range(cfg.probe_seeds)])
+
+
+def judge_templates(cfg: EraseConfig) -> list[str]:
+    """The label prompts a judge scores: the concept alone, as in training (2 templates)."""
+    return (cfg.templates or list(templates_for(cfg.kind)))[:2]
+
+
+@dataclass
+class ProbeScores:
+    erase: float  # share of erased-prompt images not judged as their concept
+    retain: float  # share of retained-prompt images judged as their concept
+    per_concept: dict[str, float]  # erased: share erased; retained: share kept
+    x0: torch.Tensor | None = None  # the probe images (sample space), in ProbeSet.rows() order
+
+    @property
+    def h(self) -> float:
+        return 2 / (1 / max(self.erase, 1e-9) + 1 / max(self.retain, 1e-9))
+
+    def to_dict(self) -> dict:
+        return {"erase": self.erase, "retain": self.retain, "h": self.h, "per_concept": self.per_concept}
+
+
+def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 20, guidance: float | None = None,
+                x0: torch.Tensor | None = None, judge: Judge | None = None) -> ProbeScores:  # fmt: skip
+    """Generate the probe images with the model as it is now (LoRA on, if attached) and score them.
+
+    Args:
+        judge: a context in which the model is the base model (e.g. LoRASet.disabled): the diffusion
+            scorer must judge with the model from before the erasure, not with the erased one.
+        x0: probe images already generated (ProbeSet.rows() order); then only the scoring runs.
+    """
+    rows = probe.rows()
+    if x0 is None:
+        x0 = backend.sample([r[0] for r in rows], [r[2] for r in rows], steps, guidance)
+    with (judge or contextlib.nullcontext)():
+        pred = scorer.predict(x0, probe.labels)
+    per = {}
+    for c in probe.labels:
+        hits = [p == c for p, r in zip(pred, rows) if r[1] == c]
+        per[c] = sum(hits) / len(hits)
+        if c in probe.erased:
+            per[c] = 1 - per[c]
+    erase = sum(per[c] for c in probe.erased) / len(probe.erased)
+    retain = sum(per[c] for c in probe.retained) / len(probe.retained) if probe.retained else 1.0
+    return ProbeScores(erase, retain, per, x0)

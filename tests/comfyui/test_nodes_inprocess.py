@@ -1,0 +1,70 @@
+"""Concept Probe, SurgUn Localize and SurgUn Train as ComfyUI runs them (in-process, on the demo model).
+
+Run with ComfyUI's Python: COMFYUI_SRC=/tmp/comfyui/src /tmp/comfyui/.venv/bin/python -m pytest -q tests/comfyui/
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_tiny import load_pack  # skips this module without ComfyUI
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return load_pack()
+
+
+@pytest.fixture(scope="module")
+def demo(pack):
+    tm = pack("nodes.toy_model")
+    with torch.inference_mode():  # as a node: ComfyUI runs every node under inference mode
+        return tm.load_toy_model(), tm.load_toy_clip(), tm.load_toy_vae()
+
+
+def test_probe_of_the_base_model_erases_nothing(pack, demo):
+    node = pack("nodes.probe_node").SurgUnConceptProbe
+    model, clip, vae = demo
+    with torch.inference_mode():
+        grid, report, erase, retain = node.execute(model, clip, vae, "circle", "square\nring", "object", 2, 10, 4.0,
+                                                   "toy", base_model=model).result  # fmt: skip
+    assert erase == 0.0 and retain == 1.0  # the base model still draws every shape
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3 and grid.min() >= 0 and grid.max() <= 1
+    assert "circle" in report and "erase  0.00" in report
+
+
+def test_probe_needs_a_base_model_and_retained_concepts(pack, demo):
+    node = pack("nodes.probe_node").SurgUnConceptProbe
+    errors = pack("surgun_core.errors")
+    model, clip, vae = demo
+    with pytest.raises(errors.SurgUnError, match="base_model"):
+        node.execute(model, clip, vae, "circle", "square", "object", 1, 2, 4.0, "toy")
+    with pytest.raises(errors.ConfigError, match="retain_concepts"):
+        node.execute(model, clip, vae, "circle", "", "object", 1, 2, 4.0, "toy", base_model=model)
+    with pytest.raises(errors.ConfigError, match="concepts"):
+        node.execute(model, clip, vae, " ", "square", "object", 1, 2, 4.0, "toy", base_model=model)
+
+
+def test_train_then_probe_finds_the_base_by_itself(pack, demo):
+    train = pack("nodes.train_node").SurgUnTrain
+    probe = pack("nodes.probe_node").SurgUnConceptProbe
+    model, clip, vae = demo
+    with torch.inference_mode():
+        erased, delta, report = train.execute(model, clip, "circle", "square\nring", "object", 3, 6e-3, 4,
+                                              "cross-attn-kv", 4.0, 0, calibration=False).result  # fmt: skip
+        assert erased.surgun_base is model and "3 steps" in report
+        out = probe.execute(erased, clip, vae, "circle", "square", "object", 1, 4, 4.0, "toy").result
+    assert len(out) == 4 and 0.0 <= out[2] <= 1.0
+    assert delta.metadata["surgun.extra"] == '{"front_end": "comfyui"}'
+
+
+def test_localize_node_ranks_groups(pack, demo):
+    node = pack("nodes.localize_node").SurgUnLocalize
+    model, clip, _ = demo
+    with torch.inference_mode():
+        blocks, chart, report = node.execute(model, clip, "circle", "square\nring", "object", "cross", 1, 1, 6e-3,
+                                             4.0, "toy", 0).result  # fmt: skip
+    targets = pack("nodes.train_node").comfy_backend(model, clip, 4.0).lora_targets(blocks)
+    assert targets and all(".attn2.to_" in n for n in targets)  # the regex feeds Train's blocks_regex
+    assert chart.shape[0] == 1 and chart.shape[-1] == 3
+    assert report.startswith("chosen: ") and report.count("cross ") >= 5

@@ -1,0 +1,52 @@
+"""`surgun bench`: the JSON has every method and key; bad method and concept names are refused."""
+
+import json
+
+import pytest
+import torch
+
+from surgun_core.bench import KEYS, PeakMemory, run_bench
+from surgun_core.bench_methods import METHODS
+from surgun_core.cli import main
+from surgun_core.errors import ConfigError
+
+# tiny runs: the real recipe and the papers' iterations take minutes per method
+TINY = dict(steps=2, images_per_concept=2, sample_steps=2, batch_size=2, localize_steps=1, probe_seeds=1,
+            probe_retained=1, baseline_iterations=2, baseline_lr=1e-4,
+            baseline_options={"esd-x": {"ddim_steps": 4}, "esd-u": {"ddim_steps": 4},
+                              "ca": {"n_images": 4, "sample_steps": 4, "batch_size": 2}})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_bench_json_has_every_method_and_key(tmp_path):
+    report = run_bench(["circle"], METHODS, seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert set(data["methods"]) == set(METHODS) and data == json.loads(json.dumps(report))
+    for m, row in data["methods"].items():
+        assert set(row) == set(KEYS), m
+        assert 0 <= row["ua"] <= 1 and 0 <= row["h"] <= 1 and row["seconds"] > 0
+    assert "| surgun |" in (tmp_path / "bench.md").read_text()
+    assert list(tmp_path.glob("calibration-surgun-circle.png"))
+    assert 0 <= data["diffusion_classifier_agreement"] <= 1 and data["diffusion_classifier_images"] > 0
+
+
+def test_unknown_method_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match="esd-x") as e:
+        run_bench(["circle"], ["surgun", "sdd"], out_dir=tmp_path)
+    assert e.value.field == "methods" and "surgun-no-calibration" in str(e.value)
+
+
+def test_unknown_concept_is_refused_with_the_known_list(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="circle, square") as e:
+        run_bench(["dog"], out_dir=tmp_path)
+    assert e.value.field == "concept"
+    assert main(["bench", "--concepts", "dog", "--out", str(tmp_path)]) == 2
+    assert "not in the toy world" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_peak_memory_sees_a_cpu_allocation():
+    with PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64, 2**20)  # 256 MB
+        del x
+    assert mem.peak_mb > 150

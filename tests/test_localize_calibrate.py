@@ -1,0 +1,156 @@
+"""Scorers, localization and calibration (DESIGN.md section 1) on the toy model and tiny models."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from surgun_core.calibrate import CalibrationResult, choose_step
+from surgun_core.charts import plot_curve, plot_groups
+from surgun_core.config import EraseConfig
+from surgun_core.demo import toy_config
+from surgun_core.errors import Cancelled, ConfigError
+from surgun_core.localize import candidate_groups, choose_groups, localize
+from surgun_core.probe import DiffusionScorer, ProbeSet, ToyScorer, make_scorer, probe_set, score_probe
+from surgun_core.surgun import erase
+from surgun_core.testing import tiny_backend
+from surgun_core.toyworld.world import SHAPES
+
+TINY = dict(steps=4, images_per_concept=2, sample_steps=2, batch_size=2, localize_steps=2, probe_seeds=1,
+            probe_templates=["a {}"], probe_retained=2)  # fmt: skip
+
+
+def test_candidate_groups_cover_unet_levels(toy_backend):
+    cross = candidate_groups(toy_backend, "cross")
+    names = [g.name for g in cross]
+    assert names and all(n.startswith("cross ") for n in names)
+    kv = {n for n in toy_backend.attention_linears() if ".attn2.to_k" in n or ".attn2.to_v" in n}
+    assert {m for g in cross for m in g.modules} == kv  # every cross-attention K/V layer, each in one group
+    both = candidate_groups(toy_backend, "all")
+    assert len(both) > len(cross) and any(g.name.startswith("self ") for g in both)
+    with pytest.raises(ConfigError, match="cross, self, all"):
+        candidate_groups(toy_backend, "everything")
+
+
+def test_candidate_groups_split_a_dit_by_depth():
+    groups = candidate_groups(tiny_backend("sana"), "cross")
+    assert [g.name.split()[-1] for g in groups] == ["early", "middle", "late"][: len(groups)]
+    assert all(g.modules for g in groups)
+
+
+def test_group_pattern_matches_exactly_its_layers(toy_backend):
+    g = candidate_groups(toy_backend, "cross")[0]
+    assert set(toy_backend.lora_targets(g.pattern)) == set(g.modules)
+
+
+def test_choose_groups_rule():
+    rows = [{"name": "a", "erase": 1.0, "retain": 0.7, "h": 0.82}, {"name": "b", "erase": 0.95, "retain": 0.9,
+            "h": 0.92}, {"name": "c", "erase": 0.5, "retain": 1.0, "h": 0.67}]  # fmt: skip
+    assert choose_groups(rows, 0.9, 2) == ["b", "a"]  # reach the threshold, best retain first
+    assert choose_groups(rows, 0.99, 1) == ["a"]
+    assert choose_groups(rows, 0.99, 2) == ["a", "b"]  # one reaches it: the next best by h fills up
+    assert choose_groups([r | {"erase": 0.2} for r in rows], 0.9, 1) == ["b"]  # none reaches: best h
+
+
+def test_choose_step_on_a_synthetic_curve():
+    curve = [{"step": s, "erase": e, "retain": r, "h": 2 * e * r / (e + r)} for s, e, r in
+             [(40, 0.5, 1.0), (80, 0.92, 0.97), (120, 1.0, 0.97), (160, 1.0, 0.9), (200, 1.0, 0.8)]]  # fmt: skip
+    step, why = choose_step(curve, 0.9)
+    assert step == 80 and "highest retain" in why  # the earliest of the best-retain checkpoints that erase
+    step, why = choose_step(curve, 0.95)
+    assert step == 120
+    low = [r | {"erase": 0.3, "h": 0.6 * r["retain"] / (0.3 + r["retain"])} for r in curve]
+    step, why = choose_step(low, 0.9)
+    assert "no step reached" in why and step == 40  # best harmonic mean: erase ties, retain highest
+
+
+def test_plot_curve_writes_a_png(tmp_path):
+    res = CalibrationResult(80, 0.9, "why", [{"step": 40, "erase": 0.5, "retain": 1.0, "h": 0.67},
+                                             {"step": 80, "erase": 1.0, "retain": 0.9, "h": 0.95}])  # fmt: skip
+    plot_curve(res, tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size == (520, 300)
+
+
+def test_scorer_registry_errors(toy_backend):
+    with pytest.raises(ConfigError, match="diffusion, toy, clip") as e:
+        make_scorer("dino", toy_backend)
+    assert e.value.field == "scorer"
+    with pytest.raises(ConfigError, match="diffusion, toy, clip"):
+        EraseConfig(concepts=["cat"], scorer="dino")
+    with pytest.raises(ConfigError) as e:
+        make_scorer("clip", toy_backend, clip_path="/no/such/folder")
+    assert e.value.field == "clip_path"
+    with pytest.raises(ConfigError, match="toy shapes"):
+        ToyScorer(toy_backend).predict(torch.zeros(1, 3, 16, 16), ["dog", "cat"])
+
+
+def test_diffusion_scorer_agrees_with_ground_truth_on_base_images(toy_backend, toy_classifier):
+    rows = [(f"a {c} {s}", s) for s in SHAPES for c in ("red", "blue")]
+    x0 = toy_backend.sample([r[0] for r in rows], [7 + i for i in range(len(rows))], 10)
+    truth = ToyScorer(toy_backend, toy_classifier).predict(x0, list(SHAPES))
+    judged = DiffusionScorer(toy_backend, "object", ["a {}"], timesteps=4).predict(x0, list(SHAPES))
+    agree = sum(a == b for a, b in zip(judged, truth)) / len(rows)
+    assert agree >= 0.9, (judged, truth)
+
+
+def test_probe_scores_base_model(toy_backend, toy_classifier):
+    probe = ProbeSet(["circle"], ["square", "ring"], ["a {}"], [1, 2])
+    sc = score_probe(toy_backend, ToyScorer(toy_backend, toy_classifier), probe, steps=10)
+    assert sc.erase <= 0.5 and sc.retain >= 0.5  # the base model still draws every shape
+    assert set(sc.per_concept) == {"circle", "square", "ring"} and sc.x0.shape[0] == 6
+
+
+def test_localize_ranks_every_group_and_caches(toy_backend, toy_classifier, tmp_path):
+    cfg = toy_config("circle", **TINY)
+    scorer = ToyScorer(toy_backend, toy_classifier)
+    probe = probe_set(cfg)
+    res = localize(toy_backend, cfg, scorer, probe, cache_dir=tmp_path)
+    groups = {g.name for g in candidate_groups(toy_backend, "cross")}
+    assert {r["name"] for r in res.groups} == groups and 1 <= len(res.chosen) <= cfg.localize_keep
+    assert res.groups[0]["name"] == res.chosen[0] and all(0 <= r["erase"] <= 1 for r in res.groups)
+    assert not any(m._forward_hooks for m in toy_backend.denoiser.modules())  # every short run detached
+    again = localize(toy_backend, cfg, scorer, probe, cache_dir=tmp_path)
+    assert again.cached and again.chosen == res.chosen and list(tmp_path.glob("*.json"))
+    assert plot_groups(res, tmp_path / "groups.png").size[1] > 40 * len(res.groups) // 2
+
+
+def test_manual_blocks_override_skips_localization(toy_backend):
+    res = erase(toy_backend, toy_config("circle", blocks=r"up_blocks\.1\..*attn2\.to_v$", calibrate=False, **TINY))
+    try:
+        assert res.localization is None
+        assert set(res.lora.names) == {n for n in toy_backend.attention_linears() if
+                                       n.startswith("up_blocks.1.") and n.endswith("attn2.to_v")}  # fmt: skip
+    finally:
+        res.lora.detach()
+
+
+def test_auto_blocks_and_calibration_on_a_short_real_run(toy_backend, toy_classifier):
+    cfg = toy_config("circle", checkpoint_every=2, scorer="toy", **TINY)
+    res = erase(toy_backend, cfg, scorer=ToyScorer(toy_backend, toy_classifier))
+    try:
+        assert res.localization is not None and res.localization.chosen
+        cal = res.calibration
+        assert [r["step"] for r in cal.curve] == [2, 4]
+        assert cal.chosen_step == choose_step(cal.curve, cfg.erase_threshold)[0]
+        chosen = dict(res.checkpoints)[cal.chosen_step]
+        assert all(torch.equal(v, chosen[k]) for k, v in res.lora.snapshot().items())  # shipped = chosen
+        meta = res.delta.metadata
+        assert meta["surgun.step_chosen"] == str(cal.chosen_step)
+        assert json.loads(meta["surgun.calibration"])["curve"] == cal.curve
+        assert json.loads(meta["surgun.localization"])["chosen"] == res.localization.chosen
+    finally:
+        res.lora.detach()
+
+
+def test_cancel_during_calibration_leaves_the_model_as_it_was(toy_backend, toy_classifier):
+    seen = {"calibrating": False}
+
+    def progress(phase, done, total, stats):
+        seen["calibrating"] |= phase == "calibrate"
+
+    cfg = toy_config("circle", blocks="cross-attn-kv", checkpoint_every=2, **TINY)
+    with pytest.raises(Cancelled, match="calibration"):
+        erase(toy_backend, cfg, progress=progress, cancel=lambda: seen["calibrating"],
+              scorer=ToyScorer(toy_backend, toy_classifier))  # fmt: skip
+    assert not any(m._forward_hooks for m in toy_backend.denoiser.modules())
