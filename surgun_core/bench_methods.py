@@ -91,7 +91,7 @@ def run_method(name: str, backend, concept: str, *, quick: bool = False, seed: i
             return MethodRun(res.seconds, res.lora.detach, settings, res.calibration)
         templates = [t.replace("{s}", "{}").replace("{c}", "{}") for t in
                      (OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES)]  # fmt: skip
-        quick_its = {"esd-x": 200, "esd-u": 200} if quick else {}
+        quick_its = {"esd-x": 100, "esd-u": 100} if quick else {}
         if quick and name == "ca":  # its 200 anchor images at 50 steps are most of its time
             b_opts = {"n_images": 48, "sample_steps": 20, **b_opts}
         its = b_its if b_its is not None and name != "uce" else quick_its.get(name)

@@ -39,7 +39,8 @@ def plot_curve(result: CalibrationResult, path: str | os.PathLike | None = None,
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
     cx = xy(result.chosen_step, 0)[0]
     d.line([cx, top, cx, h - bottom], fill=(20, 150, 60), width=1)
-    d.text((cx + 3, top + 2), f"chosen: step {result.chosen_step}", fill=(20, 120, 50))
+    label = f"chosen: step {result.chosen_step}"
+    d.text((cx + 3 if cx < w - right - 100 else cx - 100, top + 2), label, fill=(20, 120, 50))  # inside the frame
     d.text((left, h - bottom + 6), f"step {s0}", fill=(90, 90, 90))
     d.text((w - right - 60, h - bottom + 6), f"step {s1}", fill=(90, 90, 90))
     d.text((left, 6), title or "SurgUn calibration: erase (red), retain (blue), threshold (dashed)", fill=(0, 0, 0))
