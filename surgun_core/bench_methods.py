@@ -6,19 +6,17 @@ model back, so every method sees the same base model, concepts, seeds and probe 
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .baselines import BASELINES, run_baseline
 from .cache import ImageCache
-from .demo import toy_config
+from .demo import toy_config, toy_templates
 from .errors import ConfigError
 from .localize import clear_memory_cache
 from .surgun import erase
 from .toyworld.evaluate import concept_kind
-from .toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
+from .toyworld.world import COLOURS, SHAPES
 
 
 @dataclass
@@ -49,21 +47,6 @@ def check_methods(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-@contextlib.contextmanager
-def _no_disk_cache() -> Iterator[None]:
-    """Every method pays for its own images and localization: no cache from earlier runs or methods."""
-    old = os.environ.get("SURGUN_CACHE")
-    os.environ["SURGUN_CACHE"] = ""
-    clear_memory_cache()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SURGUN_CACHE", None)
-        else:
-            os.environ["SURGUN_CACHE"] = old
-
-
 def run_method(name: str, backend, concept: str, *, quick: bool = False, seed: int = 0, progress=None,
                overrides: dict | None = None) -> MethodRun:  # fmt: skip
     """Erase `concept` from the toy `backend` with method `name`; undo() restores the base model.
@@ -79,22 +62,21 @@ def run_method(name: str, backend, concept: str, *, quick: bool = False, seed: i
     kind = concept_kind(concept)
     pool = SHAPES if kind == "object" else COLOURS
     others = [c for c in pool if c != concept]
-    with _no_disk_cache():
-        if name in ABLATIONS:
-            ablation = dict(ABLATIONS[name])
-            if ablation.pop("one_distractor", False):
-                ablation.update(distractors=others[:1], distractors_per_step=1)
-            cfg = toy_config(concept, seed=seed, **{**overrides, **ablation})
-            res = erase(backend, cfg, progress=progress, cache=ImageCache(None))
-            settings = {"steps": cfg.steps, "lr": cfg.lr, "blocks": res.delta.metadata["surgun.blocks"],
-                        "step_chosen": int(res.delta.metadata["surgun.step_chosen"])}  # fmt: skip
-            return MethodRun(res.seconds, res.lora.detach, settings, res.calibration)
-        templates = [t.replace("{s}", "{}").replace("{c}", "{}") for t in
-                     (OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES)]  # fmt: skip
-        quick_its = {"esd-x": 100, "esd-u": 100} if quick else {}
-        if quick and name == "ca":  # its 200 anchor images at 50 steps are most of its time
-            b_opts = {"n_images": 48, "sample_steps": 20, **b_opts}
-        its = b_its if b_its is not None and name != "uce" else quick_its.get(name)
-        res = run_baseline(name, backend, concept, templates=templates, preserve=others, anchor=others[0], seed=seed,
-                           iterations=its, lr=b_lr if name != "uce" else None, progress=progress, **b_opts)  # fmt: skip
-        return MethodRun(res.seconds, res.restore, dict(res.settings))
+    clear_memory_cache()  # every method pays for its own localization; ImageCache(None) below: no disk cache
+    if name in ABLATIONS:
+        ablation = dict(ABLATIONS[name])
+        if ablation.pop("one_distractor", False):
+            ablation.update(distractors=others[:1], distractors_per_step=1)
+        cfg = toy_config(concept, seed=seed, **{**overrides, **ablation})
+        res = erase(backend, cfg, progress=progress, cache=ImageCache(None))
+        settings = {"steps": cfg.steps, "lr": cfg.lr, "blocks": res.delta.metadata["surgun.blocks"],
+                    "step_chosen": int(res.delta.metadata["surgun.step_chosen"])}  # fmt: skip
+        return MethodRun(res.seconds, res.lora.detach, settings, res.calibration)
+    templates = toy_templates(kind)
+    quick_its = {"esd-x": 100, "esd-u": 100} if quick else {}
+    if quick and name == "ca":  # its 200 anchor images at 50 steps are most of its time
+        b_opts = {"n_images": 48, "sample_steps": 20, **b_opts}
+    its = b_its if b_its is not None and name != "uce" else quick_its.get(name)
+    res = run_baseline(name, backend, concept, templates=templates, preserve=others, anchor=others[0], seed=seed,
+                       iterations=its, lr=b_lr if name != "uce" else None, progress=progress, **b_opts)  # fmt: skip
+    return MethodRun(res.seconds, res.restore, dict(res.settings))

@@ -28,12 +28,18 @@ TOY_PROBE_TEMPLATES = {
 }
 
 
+def toy_templates(kind: str) -> list[str]:
+    """The toy world's training phrasings of a kind, with "{}" for the concept (the engine's template form)."""
+    templates = OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES
+    return [t.replace("{s}", "{}").replace("{c}", "{}") for t in templates]
+
+
 def toy_config(concept: str, **overrides) -> EraseConfig:
     """EraseConfig for a toy concept: the other concepts of its kind are the distractors."""
     kind = concept_kind(concept)
-    pool, templates = (SHAPES, OBJECT_TEMPLATES) if kind == "object" else (COLOURS, STYLE_TEMPLATES)
+    pool = SHAPES if kind == "object" else COLOURS
     settings = dict(TOY_RECIPE, concepts=[concept], kind=kind, distractors=[c for c in pool if c != concept],
-                    templates=[t.replace("{s}", "{}").replace("{c}", "{}") for t in templates],
+                    templates=toy_templates(kind),
                     probe_templates=list(TOY_PROBE_TEMPLATES[kind]))  # fmt: skip
     settings.update(overrides)
     return EraseConfig(**settings)

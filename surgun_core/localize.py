@@ -114,13 +114,17 @@ def choose_groups(rows: list[dict], threshold: float, keep: int) -> list[str]:
 
 def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet, *, progress=None, cancel=None,
              cache: ImageCache | None = None, cache_dir: Path | None = None) -> LocalizeResult:  # fmt: skip
-    """Rank the candidate groups by short runs; return the chosen ones (cached on disk when a folder is set)."""
+    """Rank the candidate groups by short runs; return the chosen ones.
+
+    Cached in memory, and on disk next to the image cache's folder (`cache`, default SURGUN_CACHE) unless
+    `cache_dir` names another; an ImageCache without a folder keeps it off disk.
+    """
     from .surgun import train_delta  # the training loop; imported here to keep the module graph acyclic
 
     t0 = time.time()
     progress = progress or (lambda *a: None)
     groups = candidate_groups(backend, cfg.localize_attention)
-    folder = cache_dir if cache_dir is not None else _cache_folder()
+    folder = cache_dir if cache_dir is not None else _cache_folder(cache)
     key = _key(backend, cfg, scorer, probe, groups)
     hit = _load(folder, key)
     if hit is not None:
@@ -170,8 +174,8 @@ def _key(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet, gr
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
-def _cache_folder() -> Path | None:
-    images = default_cache_dir()
+def _cache_folder(cache: ImageCache | None) -> Path | None:
+    images = cache.folder if cache is not None else default_cache_dir()
     return None if images is None else images.parent / "localize"
 
 
