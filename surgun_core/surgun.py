@@ -45,8 +45,8 @@ Cancel = Callable[[], bool]
 
 @dataclass
 class EraseResult:
-    delta: LoraDelta
     lora: LoRASet  # still attached to the backend's denoiser: the model is erased until lora.detach()
+    delta: LoraDelta | None = None  # the shipped delta with its metadata; erase() sets it
     history: list[dict] = field(default_factory=list)
     checkpoints: list[tuple[int, dict]] = field(default_factory=list)  # (step, LoRA state)
     steps_done: int = 0
@@ -123,10 +123,11 @@ def train_delta(
 ) -> EraseResult:
     """The SurgUn training loop on the attention layers matching `pattern`. Leaves the LoRA attached.
 
+    Returns the LoRA, history and checkpoints; erase() times the whole method and builds the delta.
+
     Args:
         checkpoint_every: keep the LoRA every N steps (and the last) for calibration; 0: none.
     """
-    t_start = time.time()
     progress = progress or (lambda *a: None)
     cancel = cancel or (lambda: False)
     cache = cache or ImageCache(default_cache_dir())
@@ -165,7 +166,7 @@ def train_delta(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     dev = backend.device
-    result = EraseResult(delta=None, lora=lset)  # type: ignore[arg-type]
+    result = EraseResult(lora=lset)
     good = lset.snapshot()
     B = cfg.batch_size
     ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else dev.type == "cuda"
@@ -229,9 +230,6 @@ def train_delta(
         stack.close()
     if checkpoint_every and (not result.checkpoints or result.checkpoints[-1][0] != result.steps_done):
         result.checkpoints.append((result.steps_done, lset.snapshot()))
-    result.seconds = time.time() - t_start
-    result.peak_mem_mb = peak_memory_mb(dev)
-    result.delta = lset.to_delta(backend.lora_prefix, delta_metadata(backend, cfg, result))
     return result
 
 
