@@ -99,10 +99,10 @@ def _grid(vae, backend, probe, x_before, x_after, erase, retain) -> torch.Tensor
         return vae.decode(backend.base.process_latent_out(x.to(backend.device))).float().cpu().movedim(-1, 1)
 
     img_b, img_a = decode(x_before), decode(x_after)
-    rows, k = [], len(probe.seeds)
+    rows, k, probe_rows = [], len(probe.seeds), probe.rows()
     for i in range(0, len(img_b), k):
-        prompt = probe.rows()[i][0]
-        tag = "  (erased)" if probe.rows()[i][1] in probe.erased else ""
+        prompt, label, _seed = probe_rows[i]
+        tag = "  (erased)" if label in probe.erased else ""
         rows.append((f"{prompt!r}{tag}", img_b[i : i + k], img_a[i : i + k]))
     cell = 64 if img_b.shape[-1] <= 64 else 128
     title = f"Concept Probe: erase {erase:.2f}  retain {retain:.2f}"

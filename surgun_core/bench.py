@@ -84,8 +84,8 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
     rows = toy_prompts(seeds, (EVAL_TEMPLATE, HELDOUT_TEMPLATES[0]))
     t0 = time.time()
     before = generate_toy(backend, rows, sample_steps)
-    judge = DiffusionScorer(backend, "object", ["a {}"])
-    agree = [_agreement(judge, backend, before, clf)]
+    judges = DiffusionScorer(backend, "object", ["a {}"]), DiffusionScorer(backend, "style", ["{} artwork"])
+    agree = [_agreement(judges, before, clf)]
     per: dict[str, dict[str, dict]] = {m: {} for m in methods}
     settings: dict[str, dict] = {}
     for ci, concept in enumerate(concepts):
@@ -96,7 +96,7 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
             try:
                 after = generate_toy(backend, rows, sample_steps)
                 if m == "surgun":
-                    agree.append(_agreement(judge, backend, after, clf))
+                    agree.append(_agreement(judges, after, clf))
             finally:
                 run.undo()
             per[m][concept] = {**erase_metrics(before, after, clf, concept), "seconds": run.seconds,
@@ -125,13 +125,11 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
     return report
 
 
-def _agreement(judge: DiffusionScorer, backend, imgs, clf) -> tuple[float, int]:
+def _agreement(judges: tuple[DiffusionScorer, DiffusionScorer], imgs, clf) -> tuple[float, int]:
     """Share of images where the diffusion classifier names the same shape and colour as the ground truth."""
     x0 = imgs.images * 2 - 1  # the toy model works in pixel space: x0 is the image in [-1, 1]
     shapes, colours = clf.predict(x0)
-    js = judge.predict(x0, list(SHAPES))
-    judge_c = DiffusionScorer(backend, "style", ["{} artwork"], timesteps=judge.timesteps)
-    jc = judge_c.predict(x0, list(COLOURS))
+    js, jc = judges[0].predict(x0, list(SHAPES)), judges[1].predict(x0, list(COLOURS))
     hits = [a == b for a, b in zip(js, shapes)] + [a == b for a, b in zip(jc, colours)]
     return sum(hits) / len(hits), len(hits)
 
