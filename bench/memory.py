@@ -5,8 +5,9 @@ downloaded); text conditioning is random tensors of the right shape, so no text 
 
   inference  one UNet forward under no_grad with classifier-free guidance: batch 2 (cond + uncond), 1 image
   training   one step of surgun_core.surgun.erase at batch 1: LoRA (rank 4) on attn2.to_k/to_v, base frozen,
-             forwards for L_T, L_D and the retain term (LoRA on, plus a no-grad pass with it off),
-             surgun_loss, backward, clip, AdamW step; gradient checkpointing (non-reentrant) on the UNet
+             surgun.surgun_backward (the loop's own step: forwards for L_T and L_D, their backward, then the
+             retain term's forward, LoRA on and off, and its backward), clip, AdamW step; gradient
+             checkpointing (non-reentrant) on the UNet
 
 Each measurement runs in a fresh subprocess. CUDA: torch.cuda.max_memory_allocated. CPU: peak resident set
 (ru_maxrss); "+" figures are the increment over the resident set right after building the model and inputs.
@@ -35,7 +36,7 @@ from surgun_core.backends.diffusers import DiffusersBackend
 from surgun_core.backends.text import TextEncoderAdapter
 from surgun_core.config import EraseConfig
 from surgun_core.lora import LoRASet
-from surgun_core.surgun import _retain_term, surgun_loss
+from surgun_core.surgun import StepBatch, surgun_backward
 
 log = logging.getLogger("bench.memory")
 
@@ -128,15 +129,15 @@ def training_step(backend: DiffusersBackend, inputs: dict, checkpointing: bool =
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = inputs["g"]
     try:
-        # the forwards of surgun.erase: target and distractor images under the target prompt, retain anchor
+        # the forwards and the two-part backward of surgun.erase's loop: target and distractor images under the
+        # target prompt, then the retain anchor
         t = backend.objective.sample_t(1, g)
-        x_T, x_D, c_T = inputs["x_T"], inputs["x_D"], inputs["c_T"]
-        L_T = backend.loss(x_T, c_T, torch.randn(x_T.shape, generator=g).to(x_T), t).mean()
-        L_D = backend.loss(x_D, c_T, torch.randn(x_D.shape, generator=g).to(x_D), t).mean()
-        L_R = _retain_term(backend, lset, inputs["x_R"], inputs["c_R"], t, g)
-        L, _ = surgun_loss(cfg, L_T, L_D, L_R)
+        x_T, x_D, x_R = inputs["x_T"], inputs["x_D"], inputs["x_R"]
+        batch = StepBatch(x_T, inputs["c_T"], t, torch.randn(x_T.shape, generator=g).to(x_T), x_D,
+                          torch.randn(x_D.shape, generator=g).to(x_D), x_R, inputs["c_R"],
+                          torch.randn(x_R.shape, generator=g).to(x_R))  # fmt: skip
         opt.zero_grad(set_to_none=True)
-        L.backward()
+        surgun_backward(backend, cfg, lset, batch)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         # gradients are checked before the step: a zero LoRA gradient means checkpointing cut the graph
         ups = [lset.layer(n).up.grad for n in lset.names]

@@ -101,8 +101,8 @@ def erase(
     if cfg.calibrate and result.checkpoints:
         try:
             result.calibration = calibrate(backend, result.lora, result.checkpoints, scorer, probe,
-                                           cfg.erase_threshold, cfg.sample_steps, cfg.guidance, progress,
-                                           cancel)  # fmt: skip
+                                           cfg.erase_threshold, cfg.probe_steps, cfg.guidance, progress,
+                                           cancel, cfg.retain_tolerance)  # fmt: skip
         except BaseException:
             result.lora.detach()  # cancelled or failed: the model is left as it was
             raise
@@ -178,32 +178,23 @@ def train_delta(
             # target batch: target images with their own (target) prompts
             it = torch.randint(0, len(X_T.prompts), (B,), generator=g)
             x_T = X_T.x0[it].to(dev, backend.dtype)
-            c_T = bank.batch([X_T.prompts[i] for i in it])
-            t = backend.objective.sample_t(B, g)
-            L_T = backend.loss(x_T, c_T, torch.randn(x_T.shape, generator=g).to(x_T), t).mean()
-            L_D = torch.zeros((), device=dev)
+            batch = StepBatch(x_T, bank.batch([X_T.prompts[i] for i in it]), backend.objective.sample_t(B, g))
+            batch.noise_T = torch.randn(x_T.shape, generator=g).to(x_T)
             if cfg.use_distractors or cfg.use_contrast:
                 # distractor batch: K distractors drawn afresh, their images under the TARGET prompts
                 k = min(cfg.distractors_per_step, len(X_D.names))
                 chosen = torch.randperm(len(X_D.names), generator=g)[:k]
                 pool = torch.cat([X_D.of(int(i)) for i in chosen])
                 idd = pool[torch.randint(0, len(pool), (B,), generator=g)]
-                x_D = X_D.x0[idd].to(dev, backend.dtype)
-                L_D = backend.loss(x_D, c_T, torch.randn(x_D.shape, generator=g).to(x_D), t).mean()
-            # backward in two parts to hold fewer activation graphs at once (memory): L is linear in L_R,
-            # so the target/distractor part goes first, then the retain term's own forward and backward
-            opt.zero_grad(set_to_none=True)
-            L_TD, L_C = surgun_loss(cfg, L_T, L_D, torch.zeros((), device=dev))
-            if torch.isfinite(L_TD):
-                L_TD.backward()
-            L_R = torch.zeros((), device=dev)
+                batch.x_D = X_D.x0[idd].to(dev, backend.dtype)
+                batch.noise_D = torch.randn(batch.x_D.shape, generator=g).to(batch.x_D)
             if cfg.use_retain:
                 ir = torch.randint(0, len(X_R.prompts), (B,), generator=g)
-                L_R = _retain_term(backend, lset, X_R.x0[ir].to(dev, backend.dtype),
-                                   bank.batch([X_R.prompts[i] for i in ir]), t, g)  # fmt: skip
-                if torch.isfinite(L_R):
-                    (cfg.w_retain * L_R).backward()
-            L, L_C = surgun_loss(cfg, L_T.detach(), L_D.detach(), L_R.detach())  # the whole objective's value
+                batch.x_R = X_R.x0[ir].to(dev, backend.dtype)
+                batch.c_R = bank.batch([X_R.prompts[i] for i in ir])
+                batch.noise_R = torch.randn(batch.x_R.shape, generator=g).to(batch.x_R)
+            opt.zero_grad(set_to_none=True)
+            L, L_T, L_D, L_C, L_R = surgun_backward(backend, cfg, lset, batch)
             if not torch.isfinite(L):
                 result.stopped = f"non-finite loss at step {step + 1}; kept the LoRA of step {step}"
                 log.warning(result.stopped)
@@ -238,10 +229,48 @@ def _check(cancel: Cancel) -> None:
         raise Cancelled("erase cancelled by the user; nothing was written")
 
 
-def _retain_term(backend, lset, x0, cond, t, g):
+@dataclass
+class StepBatch:
+    """One training step's inputs: target images and prompts, timesteps, noise; distractors; retain images."""
+
+    x_T: torch.Tensor  # (B, C, H, W) target images
+    c_T: object  # their (target) prompts' conditioning, also the distractors' prompts
+    t: torch.Tensor  # (B,) training timesteps, shared by the three batches
+    noise_T: torch.Tensor | None = None
+    x_D: torch.Tensor | None = None  # distractor images (None: no distractor or contrast term)
+    noise_D: torch.Tensor | None = None
+    x_R: torch.Tensor | None = None  # retain images (None: no retain anchor)
+    c_R: object | None = None
+    noise_R: torch.Tensor | None = None
+
+
+def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBatch):
+    """The forwards of one step and the backward of L into the LoRA's gradients. Returns (L, L_T, L_D, L_C, L_R).
+
+    The backward runs in two parts so fewer activation graphs are alive at once (memory): L is linear in
+    L_R, so the target/distractor part goes first, then the retain term's own forward and backward.
+    A non-finite part adds no gradient; the caller sees it in the returned L.
+    """
+    zero = torch.zeros((), device=b.x_T.device)
+    L_T = backend.loss(b.x_T, b.c_T, b.noise_T, b.t).mean()
+    L_D = zero if b.x_D is None else backend.loss(b.x_D, b.c_T, b.noise_D, b.t).mean()
+    L_TD, _ = surgun_loss(cfg, L_T, L_D, zero)
+    if torch.isfinite(L_TD) and L_TD.requires_grad:
+        L_TD.backward()
+    L_R = zero
+    if b.x_R is not None:
+        L_R = _retain_term(backend, lset, b.x_R, b.c_R, b.t, b.noise_R)
+        if torch.isfinite(L_R):
+            (cfg.w_retain * L_R).backward()
+    L_T, L_D, L_R = L_T.detach(), L_D.detach(), L_R.detach()
+    L, L_C = surgun_loss(cfg, L_T, L_D, L_R)  # the whole objective's value
+    return L, L_T, L_D, L_C, L_R
+
+
+def _retain_term(backend, lset, x0, cond, t, noise):
     """|f(x_t, t, c_R) - f0(x_t, t, c_R)|^2: the LoRA must not change predictions on retain prompts."""
     obj = backend.objective
-    x_t = obj.noisy(x0, torch.randn(x0.shape, generator=g).to(x0), t.to(x0.device))
+    x_t = obj.noisy(x0, noise, t.to(x0.device))
     tm = obj.model_time(t).to(x0.device)
     with torch.no_grad(), lset.disabled():
         ref = backend.predict(x_t, tm, cond).float()
