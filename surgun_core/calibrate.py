@@ -1,9 +1,14 @@
 """Checkpoint calibration (DESIGN.md section 1): which training step to ship.
 
-The LoRA is kept every N steps; each checkpoint's probe images are scored for erase and retain. The
-chosen step is the one that reaches the erase threshold with the highest retain (ties: the earliest);
-if none reaches it, the best harmonic mean. The whole curve is returned, stored in the delta's metadata
-and drawn as a PNG (charts.plot_curve), so a user can see why that step was chosen.
+The LoRA is kept every N steps; each checkpoint's probe images are scored for erase and retain. Among the
+checkpoints that reach the erase threshold, those whose retain is within a tolerance of the best retain
+tie; of these the one that erases most is chosen, and of equals the latest. If none reaches the threshold,
+the best harmonic mean. Why the latest of equals (DESIGN.md said the earliest): probe scores saturate, and
+a checkpoint that first reaches 1.0 is on the edge; on the toy world ("red", ground-truth judge, 20 images)
+the earliest saturated step still let 5% through where the later ones, scored the same on the probe, let
+none. The tolerance (a probe image or two) keeps a retain difference that is noise from deciding. The whole
+curve is returned, stored in the delta's metadata and drawn as a PNG (charts.plot_curve), so a user can see
+why that step was chosen.
 """
 
 from __future__ import annotations
@@ -30,26 +35,28 @@ class CalibrationResult:
         return asdict(self)
 
 
-def choose_step(curve: list[dict], threshold: float) -> tuple[int, str]:
+def choose_step(curve: list[dict], threshold: float, tolerance: float = 0.0) -> tuple[int, str]:
     """The documented rule over {"step", "erase", "retain", "h"} rows. Returns (step, why).
 
-    Among the checkpoints with erase >= threshold: highest retain, then earliest. None there: highest h
-    (then earliest).
+    Among the checkpoints with erase >= threshold, those with retain >= (their best retain - tolerance):
+    highest erase, then latest. None reaches the threshold: highest h (then earliest).
     """
     if not curve:
         raise ValueError("calibration needs at least one checkpoint")
     ok = [r for r in curve if r["erase"] >= threshold]
     if ok:
-        best = min(ok, key=lambda r: (-r["retain"], r["step"]))
-        return best["step"], (f"earliest step with erase >= {threshold:g} and the highest retain "
-                              f"({best['retain']:.2f})")  # fmt: skip
+        top = max(r["retain"] for r in ok)
+        best = max([r for r in ok if r["retain"] >= top - tolerance - 1e-9], key=lambda r: (r["erase"], r["step"]))
+        return best["step"], (f"erase >= {threshold:g} with retain within {tolerance:g} of the best ({top:.2f}): "
+                              f"the most erased, then the latest (erase {best['erase']:.2f}, retain "
+                              f"{best['retain']:.2f})")  # fmt: skip
     best = min(curve, key=lambda r: (-r["h"], r["step"]))
     return best["step"], f"no step reached erase {threshold:g}; best harmonic mean of erase and retain"
 
 
 def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict]], scorer: Scorer,
               probe: ProbeSet, threshold: float = 0.9, steps: int = 20, guidance: float | None = None,
-              progress=None, cancel=None) -> CalibrationResult:  # fmt: skip
+              progress=None, cancel=None, tolerance: float = 0.0) -> CalibrationResult:  # fmt: skip
     """Score each (step, LoRA state) on the probe set; leave `lora` holding the chosen checkpoint.
 
     Args:
@@ -67,6 +74,6 @@ def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict
         curve.append({"step": step, "erase": sc.erase, "retain": sc.retain, "h": sc.h})
         log.info("calibration: step %5d  erase %.2f  retain %.2f", step, sc.erase, sc.retain)
         progress("calibrate", i + 1, len(checkpoints), {"erase": sc.erase, "retain": sc.retain})
-    chosen, why = choose_step(curve, threshold)
+    chosen, why = choose_step(curve, threshold, tolerance)
     lora.restore(dict(checkpoints)[chosen])
     return CalibrationResult(chosen, threshold, why, curve)

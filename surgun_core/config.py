@@ -72,11 +72,14 @@ class EraseConfig:
     localize_attention: str = "cross"  # candidate groups: "cross" (cross-attention K/V), "self" or "all"
     calibrate: bool = True  # ship the checkpoint with the best retain among those that erase enough
     erase_threshold: float = 0.9  # probe erase score a block group / checkpoint must reach
+    retain_tolerance: float = 0.03  # calibration: checkpoints this close to the best retain tie (probe noise)
     scorer: str = "diffusion"  # who judges probe images: diffusion (the base model), toy, clip (probe.py)
     clip_path: str | None = None  # local CLIP folder for scorer="clip"
     probe_seeds: int = 4  # seeds per probe prompt (fewer: faster, but a noisier choice of step and blocks)
     probe_templates: list[str] | None = None  # probe prompt templates ("{}": the concept); None: 2 of `templates`
     probe_retained: int = 4  # retained concepts (from the distractors) in the probe set
+    probe_sample_steps: int | None = None  # sampler steps of probe images (None: sample_steps); enough to judge
+    judge_prompts: int = 2  # label prompts per concept the judge averages over (the first of `templates`)
     precision: str = "float32"
     device: str = "auto"
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: on for CUDA only
@@ -118,10 +121,14 @@ class EraseConfig:
             "localize_keep",
             "probe_seeds",
             "probe_retained",
+            "judge_prompts",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a whole number >= 1, got {v!r}")
+        v = self.probe_sample_steps
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError("probe_sample_steps", f"must be a whole number >= 1 or None, got {v!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ConfigError("checkpoint_every", f"must be a whole number >= 0, got {self.checkpoint_every!r}")
         if self.contrast_cap is not None:
@@ -138,6 +145,8 @@ class EraseConfig:
             raise ConfigError("blocks", f"give a preset ({', '.join(BLOCK_PRESETS)}) or a regular expression")
         if not isinstance(self.erase_threshold, (int, float)) or not 0 < self.erase_threshold <= 1:
             raise ConfigError("erase_threshold", f"must be a number in (0, 1], got {self.erase_threshold!r}")
+        if not isinstance(self.retain_tolerance, (int, float)) or not 0 <= self.retain_tolerance < 1:
+            raise ConfigError("retain_tolerance", f"must be a number in [0, 1), got {self.retain_tolerance!r}")
         from .localize import ATTENTION_KINDS  # registries live with their code
         from .probe import SCORERS
 
@@ -158,6 +167,11 @@ class EraseConfig:
             raise ConfigError("blocks", "'auto' is resolved by localization (surgun.erase); give a preset or a "
                               "regular expression to train on fixed blocks")  # fmt: skip
         return BLOCK_PRESETS.get(self.blocks.strip(), self.blocks.strip())
+
+    @property
+    def probe_steps(self) -> int:
+        """Sampler steps of the probe images that localization and calibration score."""
+        return self.probe_sample_steps or self.sample_steps
 
     @property
     def checkpoint_interval(self) -> int:

@@ -136,7 +136,7 @@ def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet
     for i, grp in enumerate(groups):
         res = train_delta(backend, short, grp.pattern, cancel=cancel, cache=cache)
         try:  # probe images drawn with the group's LoRA on; the judge sees the base model (LoRA off)
-            sc = score_probe(backend, scorer, probe, cfg.sample_steps, cfg.guidance, judge=res.lora.disabled)
+            sc = score_probe(backend, scorer, probe, cfg.probe_steps, cfg.guidance, judge=res.lora.disabled)
         finally:
             res.lora.detach()
         rows.append({"name": grp.name, "layers": len(grp.modules), "erase": sc.erase, "retain": sc.retain,

@@ -185,8 +185,8 @@ def probe_set(cfg: EraseConfig) -> ProbeSet:
 
 
 def judge_templates(cfg: EraseConfig) -> list[str]:
-    """The label prompts a judge scores: the concept alone, as in training (2 templates)."""
-    return (cfg.templates or list(templates_for(cfg.kind)))[:2]
+    """The label prompts a judge scores: the concept alone, as in training (the first cfg.judge_prompts)."""
+    return (cfg.templates or list(templates_for(cfg.kind)))[: cfg.judge_prompts]
 
 
 @dataclass

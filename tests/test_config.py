@@ -56,6 +56,9 @@ def test_concept_as_its_own_distractor():
         ("erase_threshold", 1.5, "(0, 1]"),
         ("localize_steps", 0, ">= 1"),
         ("probe_seeds", 0, ">= 1"),
+        ("probe_sample_steps", 0, ">= 1 or None"),
+        ("judge_prompts", 0, ">= 1"),
+        ("retain_tolerance", 1.5, "[0, 1)"),
     ],
 )
 def test_bad_values_name_the_field(field, value, needle):

@@ -57,9 +57,11 @@ def test_choose_step_on_a_synthetic_curve():
     curve = [{"step": s, "erase": e, "retain": r, "h": 2 * e * r / (e + r)} for s, e, r in
              [(40, 0.5, 1.0), (80, 0.92, 0.97), (120, 1.0, 0.97), (160, 1.0, 0.9), (200, 1.0, 0.8)]]  # fmt: skip
     step, why = choose_step(curve, 0.9)
-    assert step == 80 and "highest retain" in why  # the earliest of the best-retain checkpoints that erase
-    step, why = choose_step(curve, 0.95)
-    assert step == 120
+    assert step == 120 and "most erased" in why  # best retain among those that erase; of those the most erased
+    assert choose_step(curve, 0.95)[0] == 120
+    assert choose_step(curve, 0.9, tolerance=0.1)[0] == 160  # 0.9 ties 0.97 within 0.1: erase ties, the latest
+    saturated = [{"step": s, "erase": 1.0, "retain": 1.0, "h": 1.0} for s in (40, 80, 120)]
+    assert choose_step(saturated, 0.9, 0.03)[0] == 120  # equals on the probe: the latest (trained longest)
     low = [r | {"erase": 0.3, "h": 0.6 * r["retain"] / (0.3 + r["retain"])} for r in curve]
     step, why = choose_step(low, 0.9)
     assert "no step reached" in why and step == 40  # best harmonic mean: erase ties, retain highest
@@ -132,7 +134,7 @@ def test_auto_blocks_and_calibration_on_a_short_real_run(toy_backend, toy_classi
         assert res.localization is not None and res.localization.chosen
         cal = res.calibration
         assert [r["step"] for r in cal.curve] == [2, 4]
-        assert cal.chosen_step == choose_step(cal.curve, cfg.erase_threshold)[0]
+        assert cal.chosen_step == choose_step(cal.curve, cfg.erase_threshold, cfg.retain_tolerance)[0]
         chosen = dict(res.checkpoints)[cal.chosen_step]
         assert all(torch.equal(v, chosen[k]) for k, v in res.lora.snapshot().items())  # shipped = chosen
         meta = res.delta.metadata
