@@ -10,6 +10,8 @@ often the diffusion classifier (the scorer real-checkpoint users get) agrees wit
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
 import threading
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .bench_methods import MAIN_METHODS, METHODS, check_methods, run_method
+from .bench_methods import MAIN_METHODS, METHODS, check_methods, method_signature, run_method
+from .calibrate import CalibrationResult
 from .charts import plot_curve
 from .io import atomic_path, write_json
 from .probe import DiffusionScorer
@@ -68,11 +71,18 @@ class PeakMemory:
 
 def run_bench(concepts: list[str] | None = None, methods: list[str] | None = None, quick: bool = False,
               seeds_per_pair: int | None = None, out_dir: str | Path = "surgun-bench", json_path=None,
-              progress=None, overrides: dict | None = None, sample_steps: int = 20) -> dict:  # fmt: skip
+              progress=None, overrides: dict | None = None, sample_steps: int = 20,
+              fresh: bool = False, collect: bool = False) -> dict:  # fmt: skip
     """Run the benchmark; write bench.md, bench.json and the calibration plots into out_dir. Returns the JSON.
+
+    Each finished (method, concept) run is recorded in out_dir/runs/ and reused by a later call whose
+    method settings, code, model and evaluation rows are the same (so an interrupted full run resumes, and
+    runs split over several processes, e.g. one per core with --concepts, are put in one table by a last call).
 
     Args:
         overrides: smaller runs for tests (bench_methods.run_method); None for the real benchmark.
+        fresh: run everything again, ignoring the records.
+        collect: run nothing; build the table from the records there are (the report lists what is missing).
     """
     concepts = concepts or (["circle"] if quick else [*SHAPES, *COLOURS])
     for c in concepts:
@@ -88,29 +98,39 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
     agree = [_agreement(judges, before, clf)]
     per: dict[str, dict[str, dict]] = {m: {} for m in methods}
     settings: dict[str, dict] = {}
+    missing: list[str] = []
     for ci, concept in enumerate(concepts):
         for mi, m in enumerate(methods):
-            log.info("bench: %s on %r (%d/%d)", m, concept, ci * len(methods) + mi + 1, len(concepts) * len(methods))
-            with PeakMemory(backend.device) as mem:
-                run = run_method(m, backend, concept, quick=quick, progress=progress, overrides=overrides)
-            try:
-                after = generate_toy(backend, rows, sample_steps)
-                if m == "surgun":
-                    agree.append(_agreement(judges, after, clf))
-            finally:
-                run.undo()
-            per[m][concept] = {**erase_metrics(before, after, clf, concept), "seconds": run.seconds,
-                               "peak_mem_mb": mem.peak_mb}  # fmt: skip
-            settings.setdefault(m, run.settings)
-            if run.calibration is not None:
-                plot_curve(run.calibration, out / f"calibration-{m}-{concept}.png", f"{m}: erase {concept!r}")
-    table = {m: {k: sum(r[k] for r in per[m].values()) / len(per[m]) for k in KEYS} for m in methods}
+            sig = method_signature(m, concept, quick=quick, overrides=overrides)
+            key = _record_key(sig, backend, rows, sample_steps)
+            path = out / "runs" / concept / f"{m}.json"
+            rec = None if fresh else _load_record(path, key)
+            reused = rec is not None
+            if not reused and collect:
+                missing.append(f"{m} on {concept}")
+                continue
+            if not reused:
+                n = ci * len(methods) + mi + 1
+                log.info("bench: %s on %r (%d/%d)", m, concept, n, len(concepts) * len(methods))
+                rec = _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, progress, overrides)
+                write_json(path, {"key": key, "signature": sig, **rec})
+            else:
+                log.info("bench: %s on %r reused from %s", m, concept, path)
+            if rec["agreement"] is not None:
+                agree.append(tuple(rec["agreement"]))
+            per[m][concept] = {**rec["metrics"], "reused": reused}
+            settings.setdefault(m, rec["settings"])
+            if rec["calibration"] is not None:
+                plot_curve(CalibrationResult(**rec["calibration"]), out / f"calibration-{m}-{concept}.png",
+                           f"{m}: erase {concept!r}")  # fmt: skip
+    table = {m: {k: sum(r[k] for r in per[m].values()) / len(per[m]) for k in KEYS} for m in methods if per[m]}
     n_agree = sum(a[1] for a in agree)
     report = {
         "methods": table,
         "per_concept": per,
         "settings": settings,
         "concepts": concepts,
+        "missing": missing,  # (collect) runs with no record yet: the table averages over the others
         "quick": quick,
         "seeds_per_pair": seeds,
         "images_per_method_and_concept": len(rows),
@@ -123,6 +143,40 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
     with atomic_path(out / "bench.md") as tmp:
         tmp.write_text(format_markdown(report))
     return report
+
+
+def _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, progress, overrides) -> dict:
+    """One method's erase of one concept, judged on the same rows as the base images `before`."""
+    with PeakMemory(backend.device) as mem:
+        run = run_method(m, backend, concept, quick=quick, progress=progress, overrides=overrides)
+    try:
+        after = generate_toy(backend, rows, sample_steps)
+        agreement = _agreement(judges, after, clf) if m == "surgun" else None
+    finally:
+        run.undo()
+    metrics = {**erase_metrics(before, after, clf, concept), "seconds": run.seconds, "peak_mem_mb": mem.peak_mb}
+    cal = run.calibration.to_dict() if run.calibration is not None else None
+    return {"metrics": metrics, "settings": run.settings, "calibration": cal, "agreement": agreement}
+
+
+def _record_key(signature: dict, backend, rows, sample_steps: int) -> str:
+    raw = json.dumps([signature, backend.fingerprint(), rows, sample_steps], sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _load_record(path: Path, key: str) -> dict | None:
+    """A finished run's record if it was made with the same settings, code, model and rows; else None."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # a damaged record is run again, never trusted
+        log.warning("ignoring damaged bench record %s (%s)", path, e)
+        return None
+    if rec.get("key") != key:
+        log.info("bench: %s is stale (settings, code or model changed); running again", path)
+        return None
+    return rec
 
 
 def _agreement(judges: tuple[DiffusionScorer, DiffusionScorer], imgs, clf) -> tuple[float, int]:
@@ -139,6 +193,10 @@ def format_markdown(report: dict) -> str:
     for m, r in report["methods"].items():
         lines.append(f"| {m} | {r['ua']:.3f} | {r['ira']:.3f} | {r['cra']:.3f} | {r['h']:.3f} | {r['drift']:.3f} | "
                      f"{r['seconds']:.0f} | {r['peak_mem_mb']:.0f} |")  # fmt: skip
+    done = {m: len(r) for m, r in report["per_concept"].items()}
+    if report.get("missing"):
+        lines += ["", f"Partial: no record yet for {len(report['missing'])} run(s) ({'; '.join(report['missing'])}); "
+                  f"concepts per method: {', '.join(f'{m} {n}' for m, n in done.items())}."]  # fmt: skip
     lines += ["", f"Concepts: {', '.join(report['concepts'])}; {report['seeds_per_pair']} seed(s) per (shape, colour) "
               f"pair and prompt, {report['images_per_method_and_concept']} images per method and concept; "
               f"{'quick run (baselines at reduced iterations)' if report['quick'] else 'full run'}; "

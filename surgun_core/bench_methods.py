@@ -2,14 +2,20 @@
 
 Each method erases one toy concept from the toy backend and returns a MethodRun whose `undo()` puts the
 model back, so every method sees the same base model, concepts, seeds and probe prompts.
+`method_signature()` names everything that decides a method's result (its settings and the source of the
+code that runs it), so the bench can reuse a finished run and redo a stale one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .baselines import BASELINES, run_baseline
+from . import calibrate, data, localize, lora, objectives, probe, sampling, surgun
+from .baselines import BASELINES, _common, run_baseline
 from .cache import ImageCache
 from .demo import toy_config, toy_templates
 from .errors import ConfigError
@@ -38,6 +44,9 @@ ABLATIONS: dict[str, dict] = {
 }
 METHODS = [*ABLATIONS, *BASELINES]
 MAIN_METHODS = ["surgun", *BASELINES]
+# the code each family of methods runs (its source is part of method_signature)
+_SURGUN_CODE = (surgun, localize, calibrate, probe, data, lora, objectives, sampling)
+_BASELINE_CODE = (_common, objectives, sampling)
 
 
 def check_methods(names: list[str]) -> list[str]:
@@ -45,6 +54,53 @@ def check_methods(names: list[str]) -> list[str]:
     if bad:
         raise ConfigError("methods", f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
     return list(dict.fromkeys(names))
+
+
+@dataclass
+class _Plan:
+    """A method resolved for one concept: the EraseConfig (SurgUn methods) or the baseline's arguments."""
+
+    name: str
+    cfg: object | None = None
+    baseline: dict | None = None
+
+    def signature(self) -> dict:
+        if self.cfg is not None:
+            code, what = _SURGUN_CODE, {"erase_config": self.cfg.to_dict()}
+        else:
+            fn = BASELINES[self.name]
+            mod = sys.modules[fn.__module__]
+            code, what = (mod, *_BASELINE_CODE), {"arguments": self.baseline, "defaults": getattr(mod, "DEFAULTS", {})}
+        digest = hashlib.sha256("".join(inspect.getsource(m) for m in code).encode()).hexdigest()[:16]
+        return {"method": self.name, **what, "code": digest}
+
+
+def _plan(name: str, concept: str, quick: bool, seed: int, overrides: dict | None) -> _Plan:
+    overrides = dict(overrides or {})
+    b_its, b_lr = overrides.pop("baseline_iterations", None), overrides.pop("baseline_lr", None)
+    b_opts = overrides.pop("baseline_options", {}).get(name, {})
+    kind = concept_kind(concept)
+    pool = SHAPES if kind == "object" else COLOURS
+    others = [c for c in pool if c != concept]
+    if name in ABLATIONS:
+        ablation = dict(ABLATIONS[name])
+        if ablation.pop("one_distractor", False):
+            ablation.update(distractors=others[:1], distractors_per_step=1)
+        return _Plan(name, cfg=toy_config(concept, seed=seed, **{**overrides, **ablation}))
+    check_methods([name])
+    quick_its = {"esd-x": 100, "esd-u": 100} if quick else {}
+    if quick and name == "ca":  # its 200 anchor images at 50 steps are most of its time
+        b_opts = {"n_images": 48, "sample_steps": 20, **b_opts}
+    its = b_its if b_its is not None and name != "uce" else quick_its.get(name)
+    args = dict(templates=toy_templates(kind), preserve=others, anchor=others[0], seed=seed, iterations=its,
+                lr=b_lr if name != "uce" else None, **b_opts)  # fmt: skip
+    return _Plan(name, baseline=args)
+
+
+def method_signature(name: str, concept: str, *, quick: bool = False, seed: int = 0,
+                     overrides: dict | None = None) -> dict:  # fmt: skip
+    """Everything that decides `name`'s erase of `concept`: its settings and a digest of its code's source."""
+    return _plan(name, concept, quick, seed, overrides).signature()
 
 
 def run_method(name: str, backend, concept: str, *, quick: bool = False, seed: int = 0, progress=None,
@@ -56,27 +112,13 @@ def run_method(name: str, backend, concept: str, *, quick: bool = False, seed: i
             "baseline_lr" and "baseline_options" ({method: options}) for the baselines. None: the toy recipe and
             the papers' defaults.
     """
-    overrides = dict(overrides or {})
-    b_its, b_lr = overrides.pop("baseline_iterations", None), overrides.pop("baseline_lr", None)
-    b_opts = overrides.pop("baseline_options", {}).get(name, {})
-    kind = concept_kind(concept)
-    pool = SHAPES if kind == "object" else COLOURS
-    others = [c for c in pool if c != concept]
+    plan = _plan(name, concept, quick, seed, overrides)
     clear_memory_cache()  # every method pays for its own localization; ImageCache(None) below: no disk cache
-    if name in ABLATIONS:
-        ablation = dict(ABLATIONS[name])
-        if ablation.pop("one_distractor", False):
-            ablation.update(distractors=others[:1], distractors_per_step=1)
-        cfg = toy_config(concept, seed=seed, **{**overrides, **ablation})
+    if plan.cfg is not None:
+        cfg = plan.cfg
         res = erase(backend, cfg, progress=progress, cache=ImageCache(None))
         settings = {"steps": cfg.steps, "lr": cfg.lr, "blocks": res.delta.metadata["surgun.blocks"],
                     "step_chosen": int(res.delta.metadata["surgun.step_chosen"])}  # fmt: skip
         return MethodRun(res.seconds, res.lora.detach, settings, res.calibration)
-    templates = toy_templates(kind)
-    quick_its = {"esd-x": 100, "esd-u": 100} if quick else {}
-    if quick and name == "ca":  # its 200 anchor images at 50 steps are most of its time
-        b_opts = {"n_images": 48, "sample_steps": 20, **b_opts}
-    its = b_its if b_its is not None and name != "uce" else quick_its.get(name)
-    res = run_baseline(name, backend, concept, templates=templates, preserve=others, anchor=others[0], seed=seed,
-                       iterations=its, lr=b_lr if name != "uce" else None, progress=progress, **b_opts)  # fmt: skip
+    res = run_baseline(name, backend, concept, progress=progress, **plan.baseline)
     return MethodRun(res.seconds, res.restore, dict(res.settings))

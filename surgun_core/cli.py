@@ -104,7 +104,8 @@ def cmd_bench(a) -> int:
     bar = TqdmProgress()
     try:
         report = run_bench(a.concepts, a.methods, quick=a.quick, seeds_per_pair=a.seeds, out_dir=a.out,
-                           json_path=a.json, progress=bar)  # fmt: skip
+                           json_path=a.json, progress=bar, fresh=a.fresh,
+                           collect=a.collect)  # fmt: skip
     finally:
         bar.close()
     print(format_markdown(report))
@@ -192,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="+", help="methods to run (default: all; --quick: the main ones)")
     b.add_argument("--concepts", nargs="+", help="toy concepts (default: every shape and colour)")
     b.add_argument("--seeds", type=int, help="seeds per (shape, colour) pair and prompt (default 2, quick 1)")
+    b.add_argument(
+        "--fresh",
+        action="store_true",
+        help="run every method again instead of reusing the finished "
+        "runs recorded in OUT/runs (a run is redone anyway when its settings or code changed)",
+    )
+    b.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: build the table from the runs recorded in "
+        "OUT/runs so far (after runs split over processes, or an interrupted one); lists what is missing",
+    )
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("toyworld", help="the toy world: train or evaluate its model")

@@ -30,6 +30,33 @@ def test_bench_json_has_every_method_and_key(tmp_path):
     assert 0 <= data["diffusion_classifier_agreement"] <= 1 and data["diffusion_classifier_images"] > 0
 
 
+@pytest.mark.slow
+def test_bench_reuses_finished_runs_and_redoes_stale_ones(tmp_path):
+    methods = ["surgun-no-calibration", "uce"]
+    first = run_bench(["circle"], methods, seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4)
+    assert not any(r["reused"] for m in methods for r in first["per_concept"][m].values())
+    record = tmp_path / "runs" / "circle" / "uce.json"
+    again = run_bench(["circle"], methods, seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4)
+    assert all(r["reused"] for m in methods for r in again["per_concept"][m].values())
+    assert again["methods"] == first["methods"]  # the same figures, nothing rerun
+    # collect runs nothing: the table from the records there are, the rest listed as missing
+    part = run_bench(["circle", "red"], [*methods, "esd-x"], seeds_per_pair=1, out_dir=tmp_path, overrides=TINY,
+                     sample_steps=4, collect=True)  # fmt: skip
+    assert part["methods"] == first["methods"] and not list((tmp_path / "runs").glob("red"))
+    assert part["missing"] == ["surgun-no-calibration on red", "uce on red", "esd-x on circle", "esd-x on red"]
+    assert "Partial: no record yet for 4 run(s)" in (tmp_path / "bench.md").read_text()
+    # SurgUn's settings change: its run is redone, UCE's (unchanged) is reused; a damaged record is redone
+    record.write_text("{not json")
+    changed = run_bench(["circle"], methods, seeds_per_pair=1, out_dir=tmp_path, sample_steps=4,
+                        overrides={**TINY, "steps": 3})  # fmt: skip
+    assert not changed["per_concept"]["surgun-no-calibration"]["circle"]["reused"]
+    assert not changed["per_concept"]["uce"]["circle"]["reused"] and json.loads(record.read_text())["key"]
+    assert changed["settings"]["surgun-no-calibration"]["steps"] == 3
+    fresh = run_bench(["circle"], ["uce"], seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4,
+                      fresh=True)  # fmt: skip
+    assert not fresh["per_concept"]["uce"]["circle"]["reused"]
+
+
 def test_unknown_method_lists_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match="esd-x") as e:
         run_bench(["circle"], ["surgun", "sdd"], out_dir=tmp_path)
