@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import __version__
-from .backends.base import Backend
+from .backends.base import Backend, cond_cat
 from .cache import ImageCache, default_cache_dir
 from .concepts import templates_for
 from .config import AUTO_BLOCKS, EraseConfig
@@ -252,8 +252,12 @@ def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBa
     A non-finite part adds no gradient; the caller sees it in the returned L.
     """
     zero = torch.zeros((), device=b.x_T.device)
-    L_T = backend.loss(b.x_T, b.c_T, b.noise_T, b.t).mean()
-    L_D = zero if b.x_D is None else backend.loss(b.x_D, b.c_T, b.noise_D, b.t).mean()
+    if b.x_D is None:
+        L_T, L_D = backend.loss(b.x_T, b.c_T, b.noise_T, b.t).mean(), zero
+    else:  # one forward for both batches (same prompts, same timesteps): (2B,) per-sample losses
+        per = backend.loss(torch.cat([b.x_T, b.x_D]), cond_cat([b.c_T, b.c_T]), torch.cat([b.noise_T, b.noise_D]),
+                           torch.cat([b.t, b.t]))  # fmt: skip
+        L_T, L_D = per[: len(b.x_T)].mean(), per[len(b.x_T) :].mean()
     L_TD, _ = surgun_loss(cfg, L_T, L_D, zero)
     if torch.isfinite(L_TD) and L_TD.requires_grad:
         L_TD.backward()
