@@ -58,6 +58,7 @@ def test_concept_as_its_own_distractor():
         ("probe_seeds", 0, ">= 1"),
         ("probe_sample_steps", 0, ">= 1 or None"),
         ("judge_prompts", 0, ">= 1"),
+        ("localize_probe_seeds", 0, ">= 1"),
         ("retain_tolerance", 1.5, "[0, 1)"),
     ],
 )
