@@ -69,7 +69,7 @@ class EraseConfig:
     # localization (blocks="auto") and calibration: probe images scored for erase and retain
     localize_steps: int = 40  # SurgUn steps of each candidate group's short run
     localize_keep: int = 2  # how many block groups the erasure gets
-    localize_probe_seeds: int = 2  # probe seeds per prompt when ranking groups (calibration uses probe_seeds)
+    localize_probe_seeds: int = 4  # probe seeds per prompt when ranking groups (2 flipped the toy "square" ranking)
     localize_attention: str = "cross"  # candidate groups: "cross" (cross-attention K/V), "self" or "all"
     calibrate: bool = True  # ship the checkpoint with the best retain among those that erase enough
     erase_threshold: float = 0.9  # probe erase score a block group / checkpoint must reach

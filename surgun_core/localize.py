@@ -124,7 +124,7 @@ def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet
     t0 = time.time()
     progress = progress or (lambda *a: None)
     groups = candidate_groups(backend, cfg.localize_attention)
-    probe = replace(probe, seeds=probe.seeds[: cfg.localize_probe_seeds])  # a ranking: fewer seeds than calibration
+    probe = replace(probe, seeds=probe.seeds[: cfg.localize_probe_seeds])  # fewer seeds: a cheaper, noisier ranking
     folder = cache_dir if cache_dir is not None else _cache_folder(cache)
     key = _key(backend, cfg, scorer, probe, groups)
     hit = _load(folder, key)
