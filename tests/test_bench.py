@@ -43,7 +43,7 @@ def test_bench_reuses_finished_runs_and_redoes_stale_ones(tmp_path):
     part = run_bench(["circle", "red"], [*methods, "esd-x"], seeds_per_pair=1, out_dir=tmp_path, overrides=TINY,
                      sample_steps=4, collect=True)  # fmt: skip
     assert part["methods"] == first["methods"] and not list((tmp_path / "runs").glob("red"))
-    assert part["missing"] == ["surgun-no-calibration on red", "uce on red", "esd-x on circle", "esd-x on red"]
+    assert part["missing"] == ["esd-x on circle", "surgun-no-calibration on red", "uce on red", "esd-x on red"]
     assert "Partial: no record yet for 4 run(s)" in (tmp_path / "bench.md").read_text()
     # SurgUn's settings change: its run is redone, UCE's (unchanged) is reused; a damaged record is redone
     record.write_text("{not json")

@@ -59,10 +59,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(toy_backend):
     seen = {"n": 0}
     orig = toy_backend.loss
 
-    def flaky_loss(*a, **k):  # inject NaN on the 4th call (step 2); real NaNs are hard to provoke on purpose
+    def flaky_loss(*a, **k):  # NaN on the 2nd call (step 2: one call a step); real NaNs are hard to provoke
         seen["n"] += 1
         out = orig(*a, **k)
-        return out * float("nan") if seen["n"] == 4 else out
+        return out * float("nan") if seen["n"] == 2 else out
 
     toy_backend.loss = flaky_loss
     try:
