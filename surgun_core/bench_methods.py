@@ -8,6 +8,7 @@ code that runs it), so the bench can reuse a finished run and redo a stale one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import sys
@@ -71,8 +72,13 @@ class _Plan:
             fn = BASELINES[self.name]
             mod = sys.modules[fn.__module__]
             code, what = (mod, *_BASELINE_CODE), {"arguments": self.baseline, "defaults": getattr(mod, "DEFAULTS", {})}
-        digest = hashlib.sha256("".join(inspect.getsource(m) for m in code).encode()).hexdigest()[:16]
-        return {"method": self.name, **what, "code": digest}
+        return {"method": self.name, **what, "code": _code_digest(code)}
+
+
+@functools.cache
+def _code_digest(modules: tuple) -> str:
+    """A digest of the modules' source (read once per process: every concept's signature asks again)."""
+    return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()[:16]
 
 
 def _plan(name: str, concept: str, quick: bool, seed: int, overrides: dict | None) -> _Plan:
