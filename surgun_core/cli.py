@@ -161,6 +161,17 @@ def cmd_toy_eval(a) -> int:
     return 0
 
 
+def cmd_ui(a) -> int:
+    try:
+        from surgun_ui.app import launch
+    except ImportError as e:
+        raise SurgUnError(f"`surgun ui` needs gradio ({e}); install it with: pip install 'surgun[ui]'") from None
+    from surgun_ui.hosts import StandaloneHost
+
+    launch(StandaloneHost(a.model, a.lora_dir, a.device), a.address, a.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="surgun", description="Erase a visual concept from a diffusion model.")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -206,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/runs so far (after runs split over processes, or an interrupted one); lists what is missing",
     )
     b.set_defaults(func=cmd_bench)
+
+    u = sub.add_parser("ui", help="the SurgUn tab as a standalone web app (needs gradio: pip install surgun[ui])")
+    u.add_argument("--model", help="diffusers model folder (default: the embedded toy model)")
+    u.add_argument("--lora-dir", default="models/Lora", help="where erasure LoRA files are saved")
+    u.add_argument("--address", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    u.set_defaults(func=cmd_ui)
 
     t = sub.add_parser("toyworld", help="the toy world: train or evaluate its model")
     tsub = t.add_subparsers(dest="toy_command", required=True)

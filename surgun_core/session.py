@@ -1,0 +1,264 @@
+"""One erase-and-probe session for front ends with a form (the A1111/Forge tab, `surgun ui`).
+
+No UI toolkit here: app code turns form values into an EraseRequest, calls EraseSession.erase / probe and
+shows what comes back. A Host says where the model comes from, where LoRA files go and how progress and
+the host's own Interrupt button are reported (StandaloneHost for `surgun ui`; surgun_ui.webui for
+A1111/Forge).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backends.base import Backend
+from .config import EraseConfig
+from .errors import Cancelled, ConfigError, SurgUnError
+from .lora import LoraDelta
+from .presets import preset_settings
+from .probe import judge_templates, make_scorer, probe_set, score_probe
+from .surgun import Progress, erase
+
+log = logging.getLogger(__name__)
+
+GALLERY_PROMPTS = 6  # before/after pairs: the erased concepts first, then retained ones
+DISPLAY_PX = 192  # small model outputs are scaled up (nearest) so a person can see them
+
+
+class Host:
+    """Where a session's model lives and where its results go. Subclasses override what differs."""
+
+    name = "model"
+
+    def backend(self) -> Backend:
+        raise NotImplementedError
+
+    def lora_dir(self) -> Path:
+        raise NotImplementedError
+
+    def base_settings(self, kind: str) -> dict:
+        """EraseConfig keyword arguments the presets scale (the SurgUn recipe: EraseConfig's defaults)."""
+        return {}
+
+    def kind_for(self, concepts: list[str], kind: str) -> str:
+        """The concept kind to use (a host that knows its concepts may correct the form's choice)."""
+        return kind
+
+    def on_progress(self, phase: str, done: int, total: int) -> None:
+        """Mirror progress into the host (A1111's shared.state); the form gets it from the session too."""
+
+    def interrupted(self) -> bool:
+        """The host's own Stop/Interrupt button (A1111's shared.state.interrupted)."""
+        return False
+
+    def job(self):
+        """A context around a whole job (A1111: shared.state.begin/end)."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+@dataclass
+class EraseRequest:
+    """The form: what the user typed, before validation (EraseConfig validates)."""
+
+    concepts: str
+    distractors: str = ""
+    kind: str = "object"
+    preset: str = "balanced"
+    steps: int = 0  # 0: the preset's
+    lr: float = 0.0  # 0: the preset's
+    rank: int = 0  # 0: the preset's
+    blocks: str = "auto"
+    calibrate: bool = True
+    guidance: float = 0.0  # 0: the preset's
+    seed: int = 0
+    lora_name: str = ""  # file name in the LoRA folder; empty: surgun-<concept>
+
+    def to_config(self, host: Host) -> EraseConfig:
+        concepts = split_list(self.concepts)
+        if not concepts:
+            raise ConfigError("concepts", "name at least one concept to erase, e.g. 'circle' (one per line or comma)")
+        kind = host.kind_for(concepts, self.kind)
+        settings = preset_settings(self.preset, host.base_settings(kind))
+        settings.update(concepts=concepts, kind=kind, blocks=self.blocks or "auto", calibrate=self.calibrate,
+                        seed=int(self.seed))  # fmt: skip
+        distractors = split_list(self.distractors)
+        if distractors:
+            settings["distractors"] = distractors
+        elif "distractors" in settings:  # the host's pool, less the concepts being erased
+            lower = {c.lower() for c in concepts}
+            settings["distractors"] = [d for d in settings["distractors"] if d.lower() not in lower]
+        for key, value in (("steps", self.steps), ("lr", self.lr), ("rank", self.rank), ("guidance", self.guidance)):
+            if value is not None and float(value) < 0:
+                raise ConfigError(key, f"must be 0 (the preset's value) or positive, got {value}")
+            if value:
+                settings[key] = int(value) if key in ("steps", "rank") else float(value)
+        return EraseConfig(**settings)
+
+    def file_name(self) -> str:
+        name = self.lora_name.strip() or "surgun-" + "-".join(split_list(self.concepts)[:2])
+        name = name.removesuffix(".safetensors")
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+        if not safe:
+            raise ConfigError("lora_name", f"{self.lora_name!r} has no usable characters; use letters, digits, - or _")
+        return safe
+
+
+def split_list(text: str | None) -> list[str]:
+    """Entries separated by commas or lines; blanks and '#' lines dropped, duplicates removed."""
+    items = []
+    for line in (text or "").splitlines():
+        if not line.strip().startswith("#"):
+            items.extend(p.strip() for p in line.split(","))
+    return list(dict.fromkeys(p for p in items if p))
+
+
+@dataclass
+class EraseOutcome:
+    scores: dict  # erase, retain, h (probe set, judged by the base model), steps, seconds, chosen_step
+    lora_path: Path
+    snippet: str  # <lora:name:1> for A1111/Forge prompts
+    gallery: list[tuple[Image.Image, str]]  # before/after pairs with captions
+    curve: Image.Image | None  # calibration curve (None without calibration)
+    config: EraseConfig = field(repr=False)
+
+
+class EraseSession:
+    """Runs one job at a time on a host's model; Stop sets a flag the training loop checks every step."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self._stop = threading.Event()
+        self._busy = threading.Lock()
+        self.last: tuple[LoraDelta, EraseConfig] | None = None  # the latest delta, for probe()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def cancelled(self) -> bool:
+        return self._stop.is_set() or self.host.interrupted()
+
+    def erase(self, request: EraseRequest, progress: Progress | None = None) -> EraseOutcome:
+        cfg = request.to_config(self.host)  # bad input fails here, before any work
+        name = request.file_name()
+        if not self._busy.acquire(blocking=False):
+            raise SurgUnError("a job is already running in this tab; wait for it or press Stop")
+        self._stop.clear()
+        try:
+            with self.host.job():
+                return self._erase(cfg, name, progress)
+        finally:
+            self._busy.release()
+
+    def _erase(self, cfg: EraseConfig, name: str, progress: Progress | None) -> EraseOutcome:
+        backend = self.host.backend()
+
+        def report(phase: str, done: int, total: int, stats: dict) -> None:
+            self.host.on_progress(phase, done, total)
+            if progress is not None:
+                progress(phase, done, total, stats)
+
+        prompts, seeds = gallery_prompts(cfg)
+        report("before", 0, 1, {})
+        before = backend.generate(prompts, seeds, cfg.sample_steps, cfg.guidance)
+        if self.cancelled():
+            raise Cancelled("stopped before training; nothing was written")
+        result = erase(backend, cfg, progress=report, cancel=self.cancelled)
+        try:
+            report("after", 0, 1, {})
+            after = backend.generate(prompts, seeds, cfg.sample_steps, cfg.guidance)
+            scores = self._scores(backend, cfg, result)
+        finally:
+            result.lora.detach()
+        path = result.delta.save(self.host.lora_dir() / f"{name}.safetensors")
+        self.last = (result.delta, cfg)
+        curve = None
+        if result.calibration is not None:
+            from .charts import plot_curve
+
+            curve = plot_curve(result.calibration, title=f"calibration: {', '.join(cfg.concepts)}")
+        scores.update(steps=result.steps_done, seconds=round(result.seconds, 1), stopped=result.stopped)
+        gallery = []
+        for i, (p, s) in enumerate(zip(prompts, seeds)):
+            gallery += [(to_pil(before[i]), f"before: {p} (seed {s})"), (to_pil(after[i]), f"after: {p} (seed {s})")]
+        log.info("erased %s: %s -> %s", cfg.concepts, scores, path)
+        return EraseOutcome(scores, path, f"<lora:{name}:1>", gallery, curve, cfg)
+
+    def _scores(self, backend: Backend, cfg: EraseConfig, result) -> dict:
+        cal = result.calibration
+        if cal is not None:
+            row = next(r for r in cal.curve if r["step"] == cal.chosen_step)
+            return {"erase": row["erase"], "retain": row["retain"], "h": row["h"], "chosen_step": cal.chosen_step}
+        scorer = make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
+        s = score_probe(backend, scorer, probe_set(cfg), cfg.probe_steps, cfg.guidance, judge=result.lora.disabled)
+        return {"erase": s.erase, "retain": s.retain, "h": s.h, "chosen_step": result.steps_done}
+
+    def probe(self, prompt: str, seed: int = 0, strength: float = 1.0, lora_path: str | None = None) -> dict:
+        """The same prompt and seed without and with the delta (the latest erase, or a LoRA file)."""
+        if not (prompt or "").strip():
+            raise ConfigError("prompt", "type a prompt to probe, e.g. 'a red circle'")
+        if not self._busy.acquire(blocking=False):
+            raise SurgUnError("a job is already running in this tab; wait for it or press Stop")
+        try:
+            return self._probe(prompt.strip(), int(seed), float(strength), lora_path)
+        finally:
+            self._busy.release()
+
+    def _probe(self, prompt: str, seed: int, strength: float, lora_path: str | None) -> dict:
+        backend = self.host.backend()
+        modules = backend.attention_linears()
+        if lora_path:
+            if not Path(lora_path).is_file():
+                raise ConfigError("lora", f"no file at {lora_path!r}; pick a .safetensors LoRA from the LoRA folder")
+            delta, cfg = LoraDelta.load(lora_path, list(modules)), None
+        elif self.last is not None:
+            delta, cfg = self.last
+        else:
+            raise ConfigError("lora", "nothing erased yet in this session: press Train first, or give a LoRA file")
+        steps = cfg.sample_steps if cfg else 20
+        x_before = backend.sample([prompt], [seed], steps)
+        lset = delta.to_lora_set(modules, strength).attach()
+        try:
+            x_after = backend.sample([prompt], [seed], steps)
+            verdict = self._verdict(backend, cfg, lset, torch.cat([x_before, x_after])) if cfg else {}
+        finally:
+            lset.detach()
+        before, after = (backend.decode(x.to(backend.device)).float().cpu()[0] for x in (x_before, x_after))
+        return {"prompt": prompt, "seed": seed, "strength": strength, "before": to_pil(before),
+                "after": to_pil(after), "scores": verdict}  # fmt: skip
+
+    def _verdict(self, backend: Backend, cfg: EraseConfig, lset, x0: torch.Tensor) -> dict:
+        """What the judge (the base model, LoRA off) sees in each image, over the erased and retained labels."""
+        probe = probe_set(cfg)
+        scorer = make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
+        with lset.disabled():
+            before, after = scorer.predict(x0.to(backend.device), probe.labels)
+        erased = set(probe.erased)
+        return {"before": before, "after": after, "before_shows_erased": before in erased,
+                "after_shows_erased": after in erased}  # fmt: skip
+
+
+def gallery_prompts(cfg: EraseConfig) -> tuple[list[str], list[int]]:
+    """The before/after gallery: each erased concept, then retained ones, in the first probe template."""
+    probe = probe_set(cfg)
+    tpl = probe.templates[0]
+    names = (probe.erased + probe.retained)[:GALLERY_PROMPTS]
+    return [tpl.format(c) for c in names], [cfg.seed + i for i in range(len(names))]
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> PIL, scaled up (nearest) when the model's images are tiny."""
+    arr = (img.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    pil = Image.fromarray(arr)
+    if pil.width < DISPLAY_PX:
+        k = -(-DISPLAY_PX // pil.width)
+        pil = pil.resize((pil.width * k, pil.height * k), Image.NEAREST)
+    return pil
