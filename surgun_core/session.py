@@ -8,6 +8,7 @@ A1111/Forge).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -160,6 +161,10 @@ class EraseSession:
 
     def _erase(self, cfg: EraseConfig, name: str, progress: Progress | None) -> EraseOutcome:
         backend = self.host.backend()
+        with getattr(backend, "training", contextlib.nullcontext)():  # hosts that run under inference_mode
+            return self._erase_on(backend, cfg, name, progress)
+
+    def _erase_on(self, backend: Backend, cfg: EraseConfig, name: str, progress: Progress | None) -> EraseOutcome:
 
         def report(phase: str, done: int, total: int, stats: dict) -> None:
             self.host.on_progress(phase, done, total)
@@ -180,6 +185,7 @@ class EraseSession:
             result.lora.detach()
         path = result.delta.save(self.host.lora_dir() / f"{name}.safetensors")
         self.last = (result.delta, cfg)
+        scores = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
         curve = None
         if result.calibration is not None:
             from .charts import plot_curve

@@ -54,14 +54,20 @@ def build_ui(host: Host, session: EraseSession | None = None) -> gr.Blocks:
                     preset = gr.Radio(list(PRESETS), value="balanced", label="Preset", elem_id="surgun_preset")
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
-                        steps = gr.Number(value=0, precision=0, label="Steps (0: preset)")
+                        steps = gr.Number(value=0, precision=0, label="Steps (0: preset)", elem_id="surgun_steps")
                         lr = gr.Number(value=0, label="Learning rate (0: preset)")
                         rank = gr.Number(value=0, precision=0, label="LoRA rank (0: preset)")
                     with gr.Row():
-                        blocks = gr.Textbox(value="auto", label="Blocks: auto, a preset or a regular expression")
+                        blocks = gr.Textbox(
+                            value="auto",
+                            label="Blocks: auto, a preset or a regular expression",
+                            elem_id="surgun_blocks",
+                        )
                         guidance = gr.Number(value=0, label="Guidance (0: preset)")
                         seed = gr.Number(value=0, precision=0, label="Seed")
-                    calibrate = gr.Checkbox(value=True, label="Calibrate (ship the best checkpoint)")
+                    calibrate = gr.Checkbox(
+                        value=True, label="Calibrate (ship the best checkpoint)", elem_id="surgun_calibrate"
+                    )
                 lora_name = gr.Textbox(label="LoRA file name (empty: surgun-<concept>)", elem_id="surgun_lora_name")
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="surgun_train")
@@ -129,7 +135,7 @@ def erase_handler(session: EraseSession):
             yield _status(state, started, session), None, None, None, "", ""
         err = box.get("error")
         if isinstance(err, Cancelled):
-            stopped = f"**Stopped** after {time.time() - started:.0f} s: {err}. Nothing was saved."
+            stopped = f"**Stopped** after {time.time() - started:.0f} s: {err}."
             yield stopped, None, None, None, "", ""
             return
         if isinstance(err, SurgUnError):
