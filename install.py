@@ -3,9 +3,14 @@
 Installs only the non-torch packages the SurgUn tab needs that the host lacks, through A1111's own
 launch helpers. torch, transformers and gradio are the host's: never installed, upgraded or pinned here
 (the tab works with the host's versions; diffusers is only needed for `surgun ui`, outside the web UI).
+ComfyUI-Manager runs install.py too, after installing requirements.txt itself: there is no `launch`
+module there, and nothing is left to do.
 """
 
-import launch
+try:
+    import launch
+except ImportError:  # not inside A1111/Forge (ComfyUI-Manager): requirements.txt is already installed
+    launch = None
 
 # (module to import, pip requirement) for what the tab imports
 TAB_REQUIREMENTS = [
@@ -17,11 +22,13 @@ TAB_REQUIREMENTS = [
 HOST_OWNED = ("torch", "transformers", "gradio")  # never touched
 
 
-def missing(is_installed=launch.is_installed) -> list[str]:
-    return [req for module, req in TAB_REQUIREMENTS if not is_installed(module)]
+def missing() -> list[str]:
+    return [req for module, req in TAB_REQUIREMENTS if not launch.is_installed(module)]
 
 
 def install() -> list[str]:
+    if launch is None:
+        return []
     todo = missing()
     for req in todo:
         assert not req.startswith(HOST_OWNED), req

@@ -191,10 +191,10 @@ def test_tab_registers_through_script_callbacks(monkeypatch, toy_backend, tmp_pa
     assert len(tabs) == 1 and isinstance(tabs[0][0], gr.Blocks) and tabs[0][1:] == ("SurgUn", "surgun")
 
 
-def _run_install(monkeypatch, installed: set[str]):
+def _run_install(monkeypatch, installed: set[str] | None):
     calls = []
     launch = types.SimpleNamespace(is_installed=lambda m: m in installed, run_pip=lambda a, d: calls.append(a))
-    monkeypatch.setitem(sys.modules, "launch", launch)
+    monkeypatch.setitem(sys.modules, "launch", launch if installed is not None else None)  # None: no such module
     spec = importlib.util.spec_from_file_location("surgun_install", ROOT / "install.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     return calls
@@ -207,6 +207,7 @@ def test_install_py_installs_only_what_is_missing_and_never_host_packages(monkey
     assert _run_install(monkeypatch, {"numpy", "PIL", "safetensors", "tqdm"}) == []  # idempotent
     everything = _run_install(monkeypatch, set())
     assert not any(w in c for c in everything for w in ("torch", "transformers", "gradio"))
+    assert _run_install(monkeypatch, None) == []  # ComfyUI-Manager runs it too: no launch module, no error
 
 
 def test_the_tab_needs_no_diffusers_or_transformers(monkeypatch):
