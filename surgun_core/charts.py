@@ -15,7 +15,7 @@ ERASE, RETAIN, CHOSEN = (200, 30, 30), (30, 80, 200), (20, 130, 60)
 
 def plot_curve(result: CalibrationResult, path: str | os.PathLike | None = None, title: str = "") -> Image.Image:
     """Erase (red) and retain (blue) against step, the threshold dashed, the chosen step marked."""
-    w, h, left, right, top, bottom = 520, 300, 48, 16, 34, 36
+    w, h, left, right, top, bottom = 520, 310, 48, 16, 46, 36
     img = Image.new("RGB", (w, h), (252, 252, 252))
     d = ImageDraw.Draw(img)
     steps = [r["step"] for r in result.curve] or [0]
@@ -44,7 +44,8 @@ def plot_curve(result: CalibrationResult, path: str | os.PathLike | None = None,
     d.text((left, h - bottom + 6), f"step {s0}", fill=(90, 90, 90))
     d.text((w - right - 60, h - bottom + 6), f"step {s1}", fill=(90, 90, 90))
     d.text((left, 6), title or "SurgUn calibration: erase (red), retain (blue), threshold (dashed)", fill=(0, 0, 0))
-    d.text((left, 18), result.reason[:80], fill=(60, 60, 60))
+    for i, line in enumerate(_wrap(d, result.reason, w - left - right)[:2]):  # the rule's reason, in full
+        d.text((left, 18 + 12 * i), line, fill=(60, 60, 60))
     if path is not None:
         save_png(img, path)
     return img
@@ -69,3 +70,16 @@ def plot_groups(result: LocalizeResult, path: str | os.PathLike | None = None) -
     if path is not None:
         save_png(img, path)
     return img
+
+
+def _wrap(d: ImageDraw.ImageDraw, text: str, width: float) -> list[str]:
+    """Words of `text` in lines no wider than `width` pixels in the default font."""
+    lines, cur = [], ""
+    for word in text.split():
+        trial = f"{cur} {word}".strip()
+        if cur and d.textlength(trial) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+    return [*lines, cur] if cur else lines
