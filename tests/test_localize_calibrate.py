@@ -71,7 +71,15 @@ def test_plot_curve_writes_a_png(tmp_path):
     res = CalibrationResult(80, 0.9, "why", [{"step": 40, "erase": 0.5, "retain": 1.0, "h": 0.67},
                                              {"step": 80, "erase": 1.0, "retain": 0.9, "h": 0.95}])  # fmt: skip
     plot_curve(res, tmp_path / "c.png")
-    assert Image.open(tmp_path / "c.png").size == (520, 300)
+    assert Image.open(tmp_path / "c.png").size == (520, 310)
+    from PIL import ImageDraw
+
+    from surgun_core.charts import _wrap
+
+    d = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    reason = "erase >= 0.9 with retain within 0.03 of the best (0.88): the most erased, then the latest (erase 0.94)"
+    lines = _wrap(d, reason, 456)
+    assert len(lines) == 2 and " ".join(lines) == reason and all(d.textlength(x) <= 456 for x in lines)
 
 
 def test_scorer_registry_errors(toy_backend):
