@@ -77,7 +77,10 @@ def test_plot_curve_writes_a_png(tmp_path):
     from surgun_core.charts import _wrap
 
     d = ImageDraw.Draw(Image.new("RGB", (10, 10)))
-    reason = "erase >= 0.9 with retain within 0.03 of the best (0.88): the most erased, then the latest (erase 0.94)"
+    reason = (
+        "erase >= 0.9 with retain within 0.03 of the best (0.88): the most erased, then the latest "
+        "(erase 0.94, retain 0.86)"
+    )
     lines = _wrap(d, reason, 456)
     assert len(lines) == 2 and " ".join(lines) == reason and all(d.textlength(x) <= 456 for x in lines)
 
