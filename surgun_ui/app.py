@@ -129,6 +129,8 @@ def erase_handler(session: EraseSession):
 
         worker = threading.Thread(target=work, name="surgun-erase", daemon=True)
         started = time.time()
+        # answer at once: gradio 3 serves each step of a generator as its own HTTP call, with a timeout
+        yield "**starting**", None, None, None, "", ""
         worker.start()
         while worker.is_alive():
             worker.join(1.0)
@@ -178,6 +180,7 @@ def probe_handler(session: EraseSession):
 
 def launch(host: Host, address: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
     """`surgun ui`: serve the UI (blocks until the server is stopped)."""
+    host.backend()  # load the model before serving: the first request must not wait for it
     ui = build_ui(host)
     ui.queue()
     ui.launch(server_name=address, server_port=port, share=share, inbrowser=False)
