@@ -9,29 +9,11 @@ import re
 
 # pack-relative import: inside ComfyUI the pack is a package whose name ComfyUI chooses, and surgun_core
 # is not installed there, so the core is reached through the pack.
-from ..surgun_core.config import AUTO_BLOCKS, BLOCK_PRESETS, EraseConfig
+from ..surgun_core.config import AUTO_BLOCKS, BLOCK_PRESETS, EraseConfig, parse_list
 from ..surgun_core.errors import ConfigError
 
 MANUAL_BLOCKS = "manual"
 BLOCK_CHOICES = [AUTO_BLOCKS, *BLOCK_PRESETS, MANUAL_BLOCKS]
-
-
-def parse_list(text: str | None) -> list[str]:
-    """One entry per line or comma; blank entries and lines starting with '#' are dropped.
-
-    Args:
-        text: a multiline widget value, e.g. "circle\\nsquare, ring".
-    Returns:
-        The entries in order, stripped, duplicates removed (case-sensitive, first kept).
-    """
-    if not text:
-        return []
-    items = []
-    for line in text.splitlines():
-        if line.strip().startswith("#"):
-            continue
-        items.extend(p.strip() for p in line.split(","))
-    return list(dict.fromkeys(p for p in items if p))
 
 
 def resolve_blocks(preset: str, manual: str | None) -> str:

@@ -214,3 +214,18 @@ def _clean_list(name: str, value, allow_empty: bool) -> list[str]:
 def _positive(name: str, v) -> None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
         raise ConfigError(name, f"must be a finite number > 0, got {v!r}")
+
+
+def parse_list(text: str | None) -> list[str]:
+    """A form's list: one entry per line or comma; blank entries and lines starting with '#' are dropped.
+
+    Args:
+        text: a multiline widget value, e.g. "circle\\nsquare, ring".
+    Returns:
+        The entries in order, stripped, duplicates removed (case-sensitive, first kept).
+    """
+    items = []
+    for line in (text or "").splitlines():
+        if not line.strip().startswith("#"):
+            items.extend(p.strip() for p in line.split(","))
+    return list(dict.fromkeys(p for p in items if p))

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .backends.base import Backend
-from .config import EraseConfig
+from .config import EraseConfig, parse_list
 from .errors import Cancelled, ConfigError, SurgUnError
 from .lora import LoraDelta
 from .presets import preset_settings
@@ -84,14 +84,14 @@ class EraseRequest:
     lora_name: str = ""  # file name in the LoRA folder; empty: surgun-<concept>
 
     def to_config(self, host: Host) -> EraseConfig:
-        concepts = split_list(self.concepts)
+        concepts = parse_list(self.concepts)
         if not concepts:
             raise ConfigError("concepts", "name at least one concept to erase, e.g. 'circle' (one per line or comma)")
         kind = host.kind_for(concepts, self.kind)
         settings = preset_settings(self.preset, host.base_settings(kind))
         settings.update(concepts=concepts, kind=kind, blocks=self.blocks or "auto", calibrate=self.calibrate,
                         seed=int(self.seed))  # fmt: skip
-        distractors = split_list(self.distractors)
+        distractors = parse_list(self.distractors)
         if distractors:
             settings["distractors"] = distractors
         elif "distractors" in settings:  # the host's pool, less the concepts being erased
@@ -105,21 +105,12 @@ class EraseRequest:
         return EraseConfig(**settings)
 
     def file_name(self) -> str:
-        name = self.lora_name.strip() or "surgun-" + "-".join(split_list(self.concepts)[:2])
+        name = self.lora_name.strip() or "surgun-" + "-".join(parse_list(self.concepts)[:2])
         name = name.removesuffix(".safetensors")
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
         if not safe:
             raise ConfigError("lora_name", f"{self.lora_name!r} has no usable characters; use letters, digits, - or _")
         return safe
-
-
-def split_list(text: str | None) -> list[str]:
-    """Entries separated by commas or lines; blanks and '#' lines dropped, duplicates removed."""
-    items = []
-    for line in (text or "").splitlines():
-        if not line.strip().startswith("#"):
-            items.extend(p.strip() for p in line.split(","))
-    return list(dict.fromkeys(p for p in items if p))
 
 
 @dataclass
@@ -150,12 +141,17 @@ class EraseSession:
     def erase(self, request: EraseRequest, progress: Progress | None = None) -> EraseOutcome:
         cfg = request.to_config(self.host)  # bad input fails here, before any work
         name = request.file_name()
-        if not self._busy.acquire(blocking=False):
-            raise SurgUnError("a job is already running in this tab; wait for it or press Stop")
-        self._stop.clear()
-        try:
+        with self._one_job():
+            self._stop.clear()
             with self.host.job():
                 return self._erase(cfg, name, progress)
+
+    @contextlib.contextmanager
+    def _one_job(self):
+        if not self._busy.acquire(blocking=False):
+            raise SurgUnError("a job is already running in this tab; wait for it or press Stop")
+        try:
+            yield
         finally:
             self._busy.release()
 
@@ -203,20 +199,17 @@ class EraseSession:
         if cal is not None:
             row = next(r for r in cal.curve if r["step"] == cal.chosen_step)
             return {"erase": row["erase"], "retain": row["retain"], "h": row["h"], "chosen_step": cal.chosen_step}
-        scorer = make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
-        s = score_probe(backend, scorer, probe_set(cfg), cfg.probe_steps, cfg.guidance, judge=result.lora.disabled)
+        s = score_probe(
+            backend, _scorer(backend, cfg), probe_set(cfg), cfg.probe_steps, cfg.guidance, judge=result.lora.disabled
+        )
         return {"erase": s.erase, "retain": s.retain, "h": s.h, "chosen_step": result.steps_done}
 
     def probe(self, prompt: str, seed: int = 0, strength: float = 1.0, lora_path: str | None = None) -> dict:
         """The same prompt and seed without and with the delta (the latest erase, or a LoRA file)."""
         if not (prompt or "").strip():
             raise ConfigError("prompt", "type a prompt to probe, e.g. 'a red circle'")
-        if not self._busy.acquire(blocking=False):
-            raise SurgUnError("a job is already running in this tab; wait for it or press Stop")
-        try:
+        with self._one_job():
             return self._probe(prompt.strip(), int(seed), float(strength), lora_path)
-        finally:
-            self._busy.release()
 
     def _probe(self, prompt: str, seed: int, strength: float, lora_path: str | None) -> dict:
         backend = self.host.backend()
@@ -244,12 +237,16 @@ class EraseSession:
     def _verdict(self, backend: Backend, cfg: EraseConfig, lset, x0: torch.Tensor) -> dict:
         """What the judge (the base model, LoRA off) sees in each image, over the erased and retained labels."""
         probe = probe_set(cfg)
-        scorer = make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
         with lset.disabled():
-            before, after = scorer.predict(x0.to(backend.device), probe.labels)
+            before, after = _scorer(backend, cfg).predict(x0.to(backend.device), probe.labels)
         erased = set(probe.erased)
         return {"before": before, "after": after, "before_shows_erased": before in erased,
                 "after_shows_erased": after in erased}  # fmt: skip
+
+
+def _scorer(backend: Backend, cfg: EraseConfig):
+    """The judge cfg names, as erase() builds it."""
+    return make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
 
 
 def gallery_prompts(cfg: EraseConfig) -> tuple[list[str], list[int]]:

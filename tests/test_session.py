@@ -4,9 +4,10 @@ import threading
 
 import pytest
 
+from surgun_core.config import parse_list
 from surgun_core.errors import Cancelled, ConfigError
 from surgun_core.presets import PRESETS, preset_settings
-from surgun_core.session import EraseRequest, EraseSession, split_list
+from surgun_core.session import EraseRequest, EraseSession
 from surgun_ui.hosts import StandaloneHost
 
 FAST = dict(preset="quick", steps=8, blocks="cross-attn-kv", calibrate=False)  # no localization: seconds, not minutes
@@ -39,7 +40,7 @@ def test_request_to_config_on_the_toy_host(host):
     assert cfg.concepts == ["circle", "ring"] and set(cfg.distractors) == {"square", "triangle", "cross"}
     assert (cfg.steps, cfg.lr, cfg.rank) == (12, 0.01, 2)
     assert EraseRequest("circle", distractors="square\nring").to_config(host).distractors == ["square", "ring"]
-    assert split_list("a, b\n# note\n\nb, c") == ["a", "b", "c"]
+    assert parse_list("a, b\n# note\n\nb, c") == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize(
