@@ -125,6 +125,7 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
                            f"{m}: erase {concept!r}")  # fmt: skip
     table = {m: {k: sum(r[k] for r in per[m].values()) / len(per[m]) for k in KEYS} for m in methods if per[m]}
     n_agree = sum(a[1] for a in agree)
+    threads = "collected from the records" if collect else f"{torch.get_num_threads()} torch threads"
     report = {
         "methods": table,
         "per_concept": per,
@@ -137,7 +138,7 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
         "diffusion_classifier_agreement": sum(a[0] * a[1] for a in agree) / max(1, n_agree),
         "diffusion_classifier_images": n_agree,
         "seconds_total": time.time() - t0,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {backend.device}",
+        "machine": f"{platform.machine()}, device {backend.device}, {threads}",
     }
     write_json(Path(json_path) if json_path else out / "bench.json", report)
     with atomic_path(out / "bench.md") as tmp:
@@ -193,6 +194,7 @@ def format_markdown(report: dict) -> str:
     for m, r in report["methods"].items():
         lines.append(f"| {m} | {r['ua']:.3f} | {r['ira']:.3f} | {r['cra']:.3f} | {r['h']:.3f} | {r['drift']:.3f} | "
                      f"{r['seconds']:.0f} | {r['peak_mem_mb']:.0f} |")  # fmt: skip
+    lines += _per_concept_table(report)
     done = {m: len(r) for m, r in report["per_concept"].items()}
     if report.get("missing"):
         lines += ["", f"Partial: no record yet for {len(report['missing'])} run(s) ({'; '.join(report['missing'])}); "
@@ -204,3 +206,16 @@ def format_markdown(report: dict) -> str:
               f"Diffusion-classifier agreement with the ground truth: {report['diffusion_classifier_agreement']:.3f} "
               f"over {report['diffusion_classifier_images']} judgements (base and SurgUn-erased images)."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _per_concept_table(report: dict) -> list[str]:
+    """H per concept and method (where the averages hide which concept a variant fails on); one concept: none."""
+    methods = [m for m, r in report["per_concept"].items() if r]
+    concepts = [c for c in report["concepts"] if any(c in report["per_concept"][m] for m in methods)]
+    if len(concepts) < 2:
+        return []
+    lines = ["", "H per concept:", "", "| concept | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for c in concepts:
+        cells = [f"{report['per_concept'][m][c]['h']:.3f}" if c in report["per_concept"][m] else "-" for m in methods]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines

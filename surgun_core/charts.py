@@ -43,6 +43,10 @@ def plot_curve(result: CalibrationResult, path: str | os.PathLike | None = None,
     d.text((cx + 3 if cx < w - right - 100 else cx - 100, top + 2), label, fill=(20, 120, 50))  # inside the frame
     d.text((left, h - bottom + 6), f"step {s0}", fill=(90, 90, 90))
     d.text((w - right - 60, h - bottom + 6), f"step {s1}", fill=(90, 90, 90))
+    key_x = w // 2 - 80  # the key, also when a title replaces the default one that names the colours
+    for text, colour in (("erase", ERASE), ("retain", RETAIN), ("threshold (dashed)", (120, 120, 120))):
+        d.text((key_x, h - bottom + 6), text, fill=colour)
+        key_x += d.textlength(text) + 12
     d.text((left, 6), title or "SurgUn calibration: erase (red), retain (blue), threshold (dashed)", fill=(0, 0, 0))
     for i, line in enumerate(_wrap(d, result.reason, w - left - right)[:2]):  # the rule's reason, in full
         d.text((left, 18 + 12 * i), line, fill=(60, 60, 60))

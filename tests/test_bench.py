@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from surgun_core.bench import KEYS, PeakMemory, run_bench
+from surgun_core.bench import KEYS, PeakMemory, format_markdown, run_bench
 from surgun_core.bench_methods import METHODS
 from surgun_core.cli import main
 from surgun_core.errors import ConfigError
@@ -55,6 +55,23 @@ def test_bench_reuses_finished_runs_and_redoes_stale_ones(tmp_path):
     fresh = run_bench(["circle"], ["uce"], seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4,
                       fresh=True)  # fmt: skip
     assert not fresh["per_concept"]["uce"]["circle"]["reused"]
+
+
+def test_markdown_has_the_averages_and_h_per_concept():
+    def row(h):
+        return {"ua": 1.0, "ira": h, "cra": 1.0, "h": h, "drift": 0.01, "seconds": 10.0, "peak_mem_mb": 5.0}
+
+    per = {"surgun": {"circle": row(0.98), "red": row(1.0)}, "uce": {"circle": row(0.5)}}
+    report = {"methods": {"surgun": row(0.99), "uce": row(0.5)}, "per_concept": per,
+              "concepts": ["circle", "red"], "missing": ["uce on red"], "quick": False, "seeds_per_pair": 2,
+              "images_per_method_and_concept": 100, "machine": "x86_64",
+              "diffusion_classifier_agreement": 0.9, "diffusion_classifier_images": 10}  # fmt: skip
+    md = format_markdown(report)
+    assert "| surgun | 1.000 | 0.990 | 1.000 | 0.990 |" in md
+    assert "| concept | surgun | uce |" in md and "| circle | 0.980 | 0.500 |" in md and "| red | 1.000 | - |" in md
+    assert "Partial: no record yet for 1 run(s) (uce on red)" in md
+    one = {**report, "concepts": ["circle"], "per_concept": {"surgun": {"circle": row(0.98)}}, "missing": []}
+    assert "H per concept" not in format_markdown(one)
 
 
 def test_unknown_method_lists_the_valid_ones(tmp_path):

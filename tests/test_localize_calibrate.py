@@ -72,6 +72,10 @@ def test_plot_curve_writes_a_png(tmp_path):
                                              {"step": 80, "erase": 1.0, "retain": 0.9, "h": 0.95}])  # fmt: skip
     plot_curve(res, tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").size == (520, 310)
+    # a custom title replaces the default one that names the colours: the key under the plot still does
+    strip = set(plot_curve(res, None, "surgun: erase 'circle'").crop((160, 280, 400, 300)).getdata())
+    assert any(r > 150 and g < 100 and b < 100 for r, g, b in strip)  # "erase" in red (text is anti-aliased)
+    assert any(b > 150 and r < 100 and g < 120 for r, g, b in strip)  # "retain" in blue
     from PIL import ImageDraw
 
     from surgun_core.charts import _wrap
