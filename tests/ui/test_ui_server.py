@@ -162,10 +162,10 @@ def _open_advanced(drv):
     def shown():
         return any(e.is_displayed() for e in drv.find_elements("css selector", "#surgun_steps input"))
 
-    for head in drv.find_elements("css selector", "button, .label-wrap, span, div"):
+    for head in drv.find_elements("xpath", "//*[normalize-space(text())='Advanced']"):  # the header, its label
         if shown():
             return
-        if head.text.strip() == "Advanced" and head.is_displayed():
+        if head.is_displayed():
             try:
                 head.click()
                 _wait(drv, shown, 3, "Advanced to open")
