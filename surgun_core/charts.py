@@ -10,7 +10,7 @@ from .calibrate import CalibrationResult
 from .grid import save_png
 from .localize import LocalizeResult
 
-ERASE, RETAIN, CHOSEN = (200, 30, 30), (30, 80, 200), (20, 130, 60)
+ERASE, RETAIN, CHOSEN, THRESHOLD = (200, 30, 30), (30, 80, 200), (20, 130, 60), (150, 150, 150)
 
 
 def plot_curve(result: CalibrationResult, path: str | os.PathLike | None = None, title: str = "") -> Image.Image:
@@ -30,7 +30,7 @@ def plot_curve(result: CalibrationResult, path: str | os.PathLike | None = None,
         d.text((6, xy(s0, v)[1] - 6), f"{v:.1f}", fill=(90, 90, 90))
     for i in range(left, w - right, 8):  # dashed threshold line
         y = xy(s0, result.threshold)[1]
-        d.line([i, y, i + 4, y], fill=(150, 150, 150))
+        d.line([i, y, i + 4, y], fill=THRESHOLD)
     for key, colour in (("erase", ERASE), ("retain", RETAIN)):
         pts = [xy(r["step"], r[key]) for r in result.curve]
         if len(pts) > 1:
@@ -43,11 +43,11 @@ def plot_curve(result: CalibrationResult, path: str | os.PathLike | None = None,
     d.text((cx + 3 if cx < w - right - 100 else cx - 100, top + 2), label, fill=(20, 120, 50))  # inside the frame
     d.text((left, h - bottom + 6), f"step {s0}", fill=(90, 90, 90))
     d.text((w - right - 60, h - bottom + 6), f"step {s1}", fill=(90, 90, 90))
-    key_x = w // 2 - 80  # the key, also when a title replaces the default one that names the colours
-    for text, colour in (("erase", ERASE), ("retain", RETAIN), ("threshold (dashed)", (120, 120, 120))):
+    key_x = w // 2 - 80  # the colour key, under any title
+    for text, colour in (("erase", ERASE), ("retain", RETAIN), ("threshold (dashed)", THRESHOLD)):
         d.text((key_x, h - bottom + 6), text, fill=colour)
         key_x += d.textlength(text) + 12
-    d.text((left, 6), title or "SurgUn calibration: erase (red), retain (blue), threshold (dashed)", fill=(0, 0, 0))
+    d.text((left, 6), title or "SurgUn calibration", fill=(0, 0, 0))
     for i, line in enumerate(_wrap(d, result.reason, w - left - right)[:2]):  # the rule's reason, in full
         d.text((left, 18 + 12 * i), line, fill=(60, 60, 60))
     if path is not None:

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from surgun_core.calibrate import CalibrationResult, choose_step
-from surgun_core.charts import plot_curve, plot_groups
+from surgun_core.charts import _wrap, plot_curve, plot_groups
 from surgun_core.config import EraseConfig
 from surgun_core.demo import toy_config
 from surgun_core.errors import Cancelled, ConfigError
@@ -76,10 +76,6 @@ def test_plot_curve_writes_a_png(tmp_path):
     strip = set(plot_curve(res, None, "surgun: erase 'circle'").crop((160, 280, 400, 300)).getdata())
     assert any(r > 150 and g < 100 and b < 100 for r, g, b in strip)  # "erase" in red (text is anti-aliased)
     assert any(b > 150 and r < 100 and g < 120 for r, g, b in strip)  # "retain" in blue
-    from PIL import ImageDraw
-
-    from surgun_core.charts import _wrap
-
     d = ImageDraw.Draw(Image.new("RGB", (10, 10)))
     reason = (
         "erase >= 0.9 with retain within 0.03 of the best (0.88): the most erased, then the latest "
