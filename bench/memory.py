@@ -35,8 +35,8 @@ from surgun_core.backends.base import resolve_device, resolve_dtype
 from surgun_core.backends.diffusers import DiffusersBackend
 from surgun_core.backends.text import TextEncoderAdapter
 from surgun_core.config import EraseConfig
+from surgun_core.engine.train import StepBatch, surgun_backward
 from surgun_core.lora import LoRASet
-from surgun_core.surgun import StepBatch, surgun_backward
 
 log = logging.getLogger("bench.memory")
 

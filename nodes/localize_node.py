@@ -7,7 +7,8 @@ from comfy_api.latest import io
 
 from ..surgun_core.charts import plot_groups
 from ..surgun_core.concepts import KINDS
-from ..surgun_core.localize import ATTENTION_KINDS, localize_for
+from ..surgun_core.engine.localize import localize_for
+from ..surgun_core.registry import ATTENTION_KINDS
 from .parsing import build_config
 from .probe_node import PROBE_SCORERS
 from .train_node import cancelled, comfy_backend

@@ -9,8 +9,9 @@ import re
 
 # pack-relative import: inside ComfyUI the pack is a package whose name ComfyUI chooses, and surgun_core
 # is not installed there, so the core is reached through the pack.
-from ..surgun_core.config import AUTO_BLOCKS, BLOCK_PRESETS, EraseConfig, parse_list
+from ..surgun_core.config import EraseConfig, parse_list
 from ..surgun_core.errors import ConfigError
+from ..surgun_core.registry import AUTO_BLOCKS, BLOCK_PRESETS
 
 MANUAL_BLOCKS = "manual"
 BLOCK_CHOICES = [AUTO_BLOCKS, *BLOCK_PRESETS, MANUAL_BLOCKS]

@@ -9,7 +9,8 @@ from comfy_api.latest import io
 from ..surgun_core.concepts import KINDS, templates_for
 from ..surgun_core.errors import ConfigError, SurgUnError
 from ..surgun_core.grid import before_after_grid
-from ..surgun_core.probe import ProbeSet, make_scorer, score_probe
+from ..surgun_core.judges.probe import ProbeSet, score_probe
+from ..surgun_core.judges.scorers import make_scorer
 from .parsing import parse_list, parse_list_lines
 from .train_node import comfy_backend
 from .types import CATEGORY, pil_to_image

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..surgun_core.backends.comfy import ComfyBackend, apply_delta
 from ..surgun_core.concepts import KINDS
-from ..surgun_core.config import AUTO_BLOCKS
+from ..surgun_core.registry import AUTO_BLOCKS
 from ..surgun_core.surgun import erase
 from .live import send_train_update
 from .parsing import BLOCK_CHOICES, build_config, resolve_blocks

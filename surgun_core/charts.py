@@ -6,9 +6,9 @@ import os
 
 from PIL import Image, ImageDraw
 
-from .calibrate import CalibrationResult
+from .engine.calibrate import CalibrationResult
+from .engine.localize import LocalizeResult
 from .grid import save_png
-from .localize import LocalizeResult
 
 ERASE, RETAIN, CHOSEN, THRESHOLD = (200, 30, 30), (30, 80, 200), (20, 130, 60), (150, 150, 150)
 

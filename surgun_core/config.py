@@ -12,24 +12,9 @@ from typing import Literal
 
 from .concepts import KINDS, builtin_distractors
 from .errors import ConfigError
+from .registry import ATTENTION_KINDS, AUTO_BLOCKS, BLOCK_PRESETS, PRECISIONS, SCORER_NAMES
 
 Kind = Literal["object", "style"]
-AUTO_BLOCKS = "auto"  # pixel-grounded localization picks the blocks (localize.py)
-BLOCK_PRESETS = {
-    # keys/values of cross-attention: the only attention weights that read the prompt, so a change there
-    # acts through the concept's tokens (the UCE/MACE observation); the default
-    "cross-attn-kv": r"attn2\.(to_k|to_v)$",
-    "cross-attn": r"attn2\.",  # all of cross-attention (q, k, v, out)
-    "self-attn": r"attn1\.",
-    "all-attn": r"(attn1|attn2)\.",
-    # DiT transformer blocks: SANA attn1/attn2, SD3 joint_blocks.N.{x,context}_block.attn(2), Flux
-    # double_blocks.N.{img,txt}_attn (Flux single_blocks fuse attention into linear1/linear2: not included)
-    "dit-attn": r"(attn1|attn2|attn)\.",
-    # MMDiT text stream (SD3 context_block, Flux txt_attn): the q/k/v of the prompt tokens, which image
-    # tokens attend to; the joint-attention counterpart of cross-attn-kv
-    "dit-text-qkv": r"(context_block\.attn|txt_attn)\.qkv$",
-}
-PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -45,7 +30,7 @@ class EraseConfig:
     lr: float = 2e-3
     rank: int = 4
     alpha: float = 4.0
-    blocks: str = AUTO_BLOCKS  # "auto" (localization), a preset name (BLOCK_PRESETS) or a regular expression
+    blocks: str = AUTO_BLOCKS  # "auto" (localization), a preset name (registry.BLOCK_PRESETS) or a regular expression
     batch_size: int = 8  # target images per step (as many distractor images)
     distractors_per_step: int = 4
     images_per_concept: int = 16  # training images the frozen model generates per concept
@@ -84,6 +69,7 @@ class EraseConfig:
     precision: str = "float32"
     device: str = "auto"
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: on for CUDA only
+    recipe: str = ""  # the recipe (recipes.py) these settings started from; reports and the header name it
     extra: dict = field(default_factory=dict)  # front-end specific notes, copied into metadata
 
     def __post_init__(self) -> None:
@@ -149,14 +135,11 @@ class EraseConfig:
             raise ConfigError("erase_threshold", f"must be a number in (0, 1], got {self.erase_threshold!r}")
         if not isinstance(self.retain_tolerance, (int, float)) or not 0 <= self.retain_tolerance < 1:
             raise ConfigError("retain_tolerance", f"must be a number in [0, 1), got {self.retain_tolerance!r}")
-        from .localize import ATTENTION_KINDS  # registries live with their code
-        from .probe import SCORERS
-
         if self.localize_attention not in ATTENTION_KINDS:
             raise ConfigError("localize_attention", f"unknown {self.localize_attention!r}; choose one of "
                               f"{', '.join(ATTENTION_KINDS)}")  # fmt: skip
-        if self.scorer not in SCORERS:
-            raise ConfigError("scorer", f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+        if self.scorer not in SCORER_NAMES:
+            raise ConfigError("scorer", f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORER_NAMES)}")
         if self.scorer == "clip" and not self.clip_path:
             raise ConfigError("clip_path", "scorer 'clip' needs clip_path: a local CLIP folder (transformers format)")
         if self.precision not in PRECISIONS:

@@ -8,43 +8,17 @@ from pathlib import Path
 from .config import EraseConfig
 from .grid import before_after_grid, save_png
 from .io import write_json
+from .recipes import recipe_config
 from .surgun import Cancel, Progress, erase
 from .toyworld import load_toy_backend, load_toy_classifier
 from .toyworld.evaluate import concept_kind, evaluate_erasure
-from .toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
 
 log = logging.getLogger(__name__)
 
-# The SurgUn recipe for the toy model (steps and lr sized for 2 CPU cores).
-# Probe images at 10 sampler steps and one label prompt per concept for the judge: half the cost of
-# localization and calibration, and the judge named the shape of base images as often (0.99 vs 0.98, 80 images).
-TOY_RECIPE = dict(steps=200, lr=6e-3, rank=4, alpha=4.0, batch_size=8, images_per_concept=16, guidance=4.0,
-                  sample_batch_size=64, probe_sample_steps=10, judge_prompts=1)  # fmt: skip
-
-
-# Probe prompts for calibration and localization: the concept alone and with the other attribute, as users
-# write them (training prompts name the concept alone).
-TOY_PROBE_TEMPLATES = {
-    "object": ("a {}", "a yellow {}", "a photo of a green {}", "a {} in purple"),
-    "style": ("{} artwork", "a {} square", "a photo of a {} ring", "a triangle in {}"),
-}
-
-
-def toy_templates(kind: str) -> list[str]:
-    """The toy world's training phrasings of a kind, with "{}" for the concept (the engine's template form)."""
-    templates = OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES
-    return [t.replace("{s}", "{}").replace("{c}", "{}") for t in templates]
-
 
 def toy_config(concept: str, **overrides) -> EraseConfig:
-    """EraseConfig for a toy concept: the other concepts of its kind are the distractors."""
-    kind = concept_kind(concept)
-    pool = SHAPES if kind == "object" else COLOURS
-    settings = dict(TOY_RECIPE, concepts=[concept], kind=kind, distractors=[c for c in pool if c != concept],
-                    templates=toy_templates(kind),
-                    probe_templates=list(TOY_PROBE_TEMPLATES[kind]))  # fmt: skip
-    settings.update(overrides)
-    return EraseConfig(**settings)
+    """EraseConfig for a toy concept: the toy recipe (recipes.py), the other concepts of its kind as distractors."""
+    return recipe_config("toy", [concept], concept_kind(concept), **overrides)
 
 
 def run_demo(
@@ -69,6 +43,8 @@ def run_demo(
     save_png(_demo_grid(before, after, concept), grid_path)
     report = {"concept": concept, **metrics, "seconds": round(result.seconds, 2),
               "peak_mem_mb": round(result.peak_mem_mb, 1), "steps": result.steps_done,
+              "step_chosen": int(result.delta.metadata["surgun.step_chosen"]), "recipe": cfg.recipe,
+              "forwards": result.forwards, "forwards_by_phase": result.forwards_by_phase,
               "delta": str(delta_path), "grid": str(grid_path)}  # fmt: skip
     write_json(Path(json_path) if json_path else out_dir / f"surgun-toy-{concept}.json", report)
     result.lora.detach()

@@ -17,6 +17,7 @@ import torch
 
 from .backends.diffusers import DiffusersBackend, save_diffusers_folder
 from .backends.text import ClipText, SanaText, SdxlText
+from .toyworld.tokenizer import build_tokenizer_files
 
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "car", "tree", "painting", "in", "style", "red", "blue"]
 LATENT = 8  # latent side; images are 2x that with a VAE
@@ -33,8 +34,6 @@ def _seeded(seed: int) -> Iterator[None]:
 
 def _tokenizer(max_length: int = 16):
     from transformers import CLIPTokenizer
-
-    from .toyworld.tokenizer import build_tokenizer_files
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tokenizer_files(WORDS, Path(tmp))

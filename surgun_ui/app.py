@@ -16,8 +16,9 @@ import gradio as gr
 
 from surgun_core.concepts import KINDS
 from surgun_core.errors import Cancelled, SurgUnError
-from surgun_core.presets import PRESETS
-from surgun_core.session import EraseOutcome, EraseRequest, EraseSession, Host
+
+from .presets import PRESETS
+from .session import EraseOutcome, EraseRequest, EraseSession, Host
 
 log = logging.getLogger(__name__)
 

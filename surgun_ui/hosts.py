@@ -7,7 +7,13 @@ import threading
 from pathlib import Path
 
 from surgun_core.backends.base import Backend
-from surgun_core.session import Host
+from surgun_core.backends.diffusers import load_diffusers_folder
+from surgun_core.errors import ConfigError
+from surgun_core.recipes import family_of
+from surgun_core.toyworld import load_toy_backend
+from surgun_core.toyworld.evaluate import concept_kind
+
+from .session import Host
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +30,6 @@ class StandaloneHost(Host):
         self._backend: Backend | None = None
         self._lock = threading.Lock()
         if model is not None and not (Path(model) / "model_index.json").is_file():
-            from surgun_core.errors import ConfigError
-
             raise ConfigError("model", f"{model!r} is not a diffusers model folder (no model_index.json in it); give "
                               "the folder that holds model_index.json, or leave it out for the toy model")  # fmt: skip
 
@@ -37,12 +41,8 @@ class StandaloneHost(Host):
         with self._lock:
             if self._backend is None:
                 if self.toy:
-                    from surgun_core.toyworld import load_toy_backend
-
                     self._backend = load_toy_backend("cpu" if self._device == "auto" else self._device)
                 else:
-                    from surgun_core.backends.diffusers import load_diffusers_folder
-
                     self._backend = load_diffusers_folder(self.model, self._device, self._precision)
                 log.info("loaded %s on %s", self.name, self._backend.device)
             return self._backend
@@ -53,20 +53,11 @@ class StandaloneHost(Host):
 
     def kind_for(self, concepts: list[str], kind: str) -> str:
         if self.toy:
-            from surgun_core.toyworld.evaluate import concept_kind
-
             return concept_kind(concepts[0])  # refuses a concept the toy world does not know, with the list
         return kind
 
-    def base_settings(self, kind: str) -> dict:
-        if not self.toy:
-            return {}
-        from surgun_core.demo import TOY_PROBE_TEMPLATES, TOY_RECIPE, toy_templates
-        from surgun_core.toyworld.world import COLOURS, SHAPES
-
-        pool = SHAPES if kind == "object" else COLOURS
-        return dict(TOY_RECIPE, distractors=list(pool), templates=toy_templates(kind),
-                    probe_templates=list(TOY_PROBE_TEMPLATES[kind]))  # fmt: skip
+    def recipe(self) -> str:
+        return "toy" if self.toy else family_of(self.backend())
 
     def examples(self) -> list[str]:
         return ["circle", "red"] if self.toy else []

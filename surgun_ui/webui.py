@@ -13,7 +13,8 @@ from pathlib import Path
 from surgun_core.backends.base import Backend
 from surgun_core.backends.webui import webui_backend
 from surgun_core.errors import SurgUnError
-from surgun_core.session import Host
+
+from .session import Host
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Stable Diffusion, so the tests raise lr and shrink the run until a few seconds v
 import pytest
 import torch
 
-from surgun_core.baselines import BASELINES, run_baseline
+from surgun_core.benchmark.baselines import BASELINES, run_baseline
 from surgun_core.errors import Cancelled, ConfigError, SurgUnError
 from surgun_core.objectives import FlowObjective
 from surgun_core.toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES
@@ -68,7 +68,7 @@ def test_baseline_erases_circle_and_restores_exactly(toy_backend, toy_classifier
 
 
 def test_esd_x_and_u_train_disjoint_parameter_sets(toy_backend):
-    from surgun_core.baselines.esd import trained_names
+    from surgun_core.benchmark.baselines.esd import trained_names
 
     x, u = set(trained_names(toy_backend.denoiser, "x")), set(trained_names(toy_backend.denoiser, "u"))
     assert x and u and not x & u
@@ -123,7 +123,7 @@ def test_bad_settings_fail_loudly(toy_backend, monkeypatch):
 
 
 def test_uce_pairs_the_concepts_last_word_with_the_guides_start_token(toy_backend):
-    from surgun_core.baselines.uce import erase_tokens, last_word_index
+    from surgun_core.benchmark.baselines.uce import erase_tokens, last_word_index
 
     L = toy_backend.encode(["a"])["encoder_hidden_states"].shape[1]
     assert last_word_index(toy_backend, ["a red circle", "circle", " ", ""], L) == [3, 1, 0, 0]

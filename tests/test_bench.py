@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from surgun_core.bench import KEYS, PeakMemory, format_markdown, run_bench
-from surgun_core.bench_methods import METHODS
+from surgun_core.benchmark.methods import METHODS
+from surgun_core.benchmark.run import KEYS, PeakMemory, format_markdown, run_bench
 from surgun_core.cli import main
 from surgun_core.errors import ConfigError
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from surgun_core.calibrate import CalibrationResult, choose_step
 from surgun_core.charts import _wrap, plot_curve, plot_groups
 from surgun_core.config import EraseConfig
 from surgun_core.demo import toy_config
+from surgun_core.engine.calibrate import CalibrationResult, choose_step
+from surgun_core.engine.localize import candidate_groups, choose_groups, localize
 from surgun_core.errors import Cancelled, ConfigError
-from surgun_core.localize import candidate_groups, choose_groups, localize
-from surgun_core.probe import DiffusionScorer, ProbeSet, ToyScorer, make_scorer, probe_set, score_probe
+from surgun_core.judges.probe import ProbeSet, probe_set, score_probe
+from surgun_core.judges.scorers import DiffusionScorer, ToyScorer, make_scorer
 from surgun_core.surgun import erase
 from surgun_core.testing import tiny_backend
 from surgun_core.toyworld.world import SHAPES

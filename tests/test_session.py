@@ -6,9 +6,9 @@ import pytest
 
 from surgun_core.config import parse_list
 from surgun_core.errors import Cancelled, ConfigError
-from surgun_core.presets import PRESETS, preset_settings
-from surgun_core.session import EraseRequest, EraseSession
 from surgun_ui.hosts import StandaloneHost
+from surgun_ui.presets import PRESETS, preset_settings
+from surgun_ui.session import EraseRequest, EraseSession
 
 FAST = dict(preset="quick", steps=8, blocks="cross-attn-kv", calibrate=False)  # no localization: seconds, not minutes
 
@@ -85,7 +85,7 @@ def test_erase_saves_the_lora_and_probe_shows_before_and_after(host, tmp_path):
     assert out.gallery[0][0].width >= 192
     assert out.curve is None  # no calibration asked for
     # the LoRA is detached afterwards: the host's model draws the gallery's first "before" image again
-    from surgun_core.session import gallery_prompts, to_pil
+    from surgun_ui.session import gallery_prompts, to_pil
 
     prompts, seeds = gallery_prompts(out.config)  # the same batch: batch shape changes float rounding
     again = host.backend().generate(prompts, seeds, out.config.sample_steps, out.config.guidance)

@@ -21,7 +21,7 @@ from torch import nn
 
 from surgun_core.backends.webui import A1111Backend, ForgeBackend, webui_backend
 from surgun_core.errors import Cancelled, SurgUnError
-from surgun_core.session import EraseRequest, EraseSession
+from surgun_ui.session import EraseRequest, EraseSession
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, SEEDS = ["a red circle", "a blue square"], [3, 4]
@@ -214,7 +214,7 @@ def test_the_tab_needs_no_diffusers_or_transformers(monkeypatch):
     """Inside A1111 the tab imports only the core, the webui backend and the UI: no diffusers/transformers
     (A1111 ships an old transformers, and diffusers is not there)."""
     code = ("import sys; sys.modules['diffusers'] = None; sys.modules['transformers'] = None\n"
-            "import surgun_core.session, surgun_core.backends.webui, surgun_ui.webui\n")  # fmt: skip
+            "import surgun_ui.session, surgun_core.backends.webui, surgun_ui.webui\n")  # fmt: skip
     import subprocess
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -8,6 +8,7 @@ text_embeds and time_ids; SANA adds an attention mask).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
 from abc import ABC, abstractmethod
@@ -16,9 +17,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..config import BLOCK_PRESETS
 from ..errors import ConfigError
+from ..meter import CostMeter
 from ..objectives import FlowObjective, Objective
+from ..registry import BLOCK_PRESETS
 from ..sampling import ddim_sample, flow_sample, seeded_noise
 
 Cond = dict[str, torch.Tensor]
@@ -48,6 +50,19 @@ class Backend(ABC):
     dtype: torch.dtype = torch.float32
     pixel_space: bool = False  # True when the model denoises pixels directly (the toy world)
     default_guidance: float = 5.0
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every family's predict() goes through the cost meter, whoever calls it (sampler, loss, judge)."""
+        super().__init_subclass__(**kwargs)
+        if "predict" in cls.__dict__ and not getattr(cls.__dict__["predict"], "metered", False):
+            cls.predict = _metered(cls.__dict__["predict"])
+
+    @property
+    def meter(self) -> CostMeter:
+        """Denoiser sample-forwards of this backend by phase (meter.py); created on first use."""
+        if "_meter" not in self.__dict__:
+            self.__dict__["_meter"] = CostMeter()
+        return self.__dict__["_meter"]
 
     def sampler_id(self) -> str:
         """Names the sampler that draws training images; part of the image-cache key, since two samplers
@@ -168,6 +183,25 @@ class Backend(ABC):
         for _, t in list(sorted(self.denoiser.state_dict().items()))[:: max(1, len(self.denoiser.state_dict()) // 16)]:
             h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def _metered(predict: Callable) -> Callable:
+    """predict() that counts its rows once, at the outermost call (a subclass may call its parent's)."""
+
+    @functools.wraps(predict)
+    def counted(self, x_t, t, cond, *args, **kwargs):
+        depth = self.__dict__.get("_meter_depth", 0)
+        self.__dict__["_meter_depth"] = depth + 1
+        try:
+            out = predict(self, x_t, t, cond, *args, **kwargs)
+        finally:
+            self.__dict__["_meter_depth"] = depth
+        if depth == 0:
+            self.meter.add(x_t.shape[0], backward=out.requires_grad)
+        return out
+
+    counted.metered = True
+    return counted
 
 
 def resolve_device(device: str) -> torch.device:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from ..backends.diffusers import load_diffusers_folder
 from ..errors import SurgUnError
+from .classifier import load_classifier
 from .model import CLASSIFIER_FILE, MODEL_DIR
 
 
 def load_toy_backend(device: str = "cpu", precision: str = "float32"):
     """The shipped toy model as a DiffusersBackend (the same code path as an SD1.5 folder)."""
-    from ..backends.diffusers import load_diffusers_folder
-
     if not (MODEL_DIR / "model_index.json").is_file():
         raise SurgUnError(f"the toy model is missing from {MODEL_DIR}; run `surgun toyworld train` to build it")
     backend = load_diffusers_folder(MODEL_DIR, device=device, precision=precision)
@@ -18,8 +18,6 @@ def load_toy_backend(device: str = "cpu", precision: str = "float32"):
 
 
 def load_toy_classifier():
-    from .classifier import load_classifier
-
     return load_classifier(CLASSIFIER_FILE)
 
 

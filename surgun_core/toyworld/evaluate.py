@@ -79,7 +79,27 @@ def erase_metrics(before: ToyImages, after: ToyImages, clf: ToyClassifier, conce
     keep = torch.from_numpy(~has)
     drift = float((after.images[keep] - before.images[keep]).abs().mean())
     h = 3 / (1 / max(ua, 1e-9) + 1 / max(ira, 1e-9) + 1 / max(cra, 1e-9))
-    return {"ua": ua, "ira": ira, "cra": cra, "drift": drift, "h": h}
+    pool = SHAPES if kind == "object" else COLOURS
+    drawn_as = [p for p, hh in zip(same, has) if hh and p != concept]
+    return {"ua": ua, "ira": ira, "cra": cra, "drift": drift, "h": h,
+            "spread": spread(drawn_as, [c for c in pool if c != concept])}  # fmt: skip
+
+
+def spread(drawn_as: list[str], others: list[str]) -> float:
+    """Normalized entropy of what the erased concept's prompts are drawn as, over the other concepts of its kind.
+
+    Args:
+        drawn_as: the label of each erased image (one not judged as the concept).
+        others: the other concepts of the kind (K of them).
+    Returns:
+        1.0 when the images spread evenly over the K others, 0.0 when they all became one proxy (or none
+        was erased).
+    """
+    if not drawn_as or len(others) < 2:
+        return 0.0
+    p = np.array([drawn_as.count(o) for o in others], dtype=float) / len(drawn_as)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum() / np.log(len(others)))
 
 
 @contextlib.contextmanager

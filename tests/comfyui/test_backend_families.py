@@ -99,7 +99,7 @@ def test_flow_loss_is_the_velocity_loss(pack, family):
 @pytest.mark.parametrize("family", ["SD3", "Flux"])
 def test_dit_presets_and_the_unet_default(pack, family):
     """The UNet default matches nothing in a DiT and says which presets do; dit-text-qkv is the text stream."""
-    BLOCK_PRESETS = pack("surgun_core.config").BLOCK_PRESETS
+    BLOCK_PRESETS = pack("surgun_core.registry").BLOCK_PRESETS
     backend = _backend(pack, family)
     with pytest.raises(pack("surgun_core.errors").ConfigError, match=r"presets that fit this model: .*dit-attn"):
         backend.lora_targets(BLOCK_PRESETS["cross-attn-kv"])

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..backends.base import Backend
-from ..errors import ConfigError
+from ...backends.base import Backend
+from ...errors import ConfigError
 from ._common import BaselineResult, Cancel, Progress
 from .ca import erase_ca
 from .esd import esd_u, esd_x

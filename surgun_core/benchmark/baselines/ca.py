@@ -32,9 +32,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..backends.base import Backend
-from ..data import CondBank
-from ..errors import ConfigError
+from ...backends.base import Backend
+from ...engine.data import CondBank
+from ...errors import ConfigError
 from ._common import (
     BaselineResult,
     Cancel,

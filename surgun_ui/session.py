@@ -19,13 +19,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backends.base import Backend
-from .config import EraseConfig, parse_list
-from .errors import Cancelled, ConfigError, SurgUnError
-from .lora import LoraDelta
+from surgun_core.backends.base import Backend
+from surgun_core.charts import plot_curve
+from surgun_core.config import EraseConfig, parse_list
+from surgun_core.errors import Cancelled, ConfigError, SurgUnError
+from surgun_core.judges.probe import judge_templates, probe_set, score_probe
+from surgun_core.judges.scorers import make_scorer
+from surgun_core.lora import LoraDelta
+from surgun_core.recipes import family_of, recipe_settings
+from surgun_core.surgun import Progress, erase
+
 from .presets import preset_settings
-from .probe import judge_templates, make_scorer, probe_set, score_probe
-from .surgun import Progress, erase
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +48,9 @@ class Host:
     def lora_dir(self) -> Path:
         raise NotImplementedError
 
-    def base_settings(self, kind: str) -> dict:
-        """EraseConfig keyword arguments the presets scale (the SurgUn recipe: EraseConfig's defaults)."""
-        return {}
+    def recipe(self) -> str:
+        """The recipe family of the host's model (surgun_core.recipes): what the presets scale."""
+        return family_of(self.backend())
 
     def kind_for(self, concepts: list[str], kind: str) -> str:
         """The concept kind to use (a host that knows its concepts may correct the form's choice)."""
@@ -88,15 +92,11 @@ class EraseRequest:
         if not concepts:
             raise ConfigError("concepts", "name at least one concept to erase, e.g. 'circle' (one per line or comma)")
         kind = host.kind_for(concepts, self.kind)
-        settings = preset_settings(self.preset, host.base_settings(kind))
-        settings.update(concepts=concepts, kind=kind, blocks=self.blocks or "auto", calibrate=self.calibrate,
-                        seed=int(self.seed))  # fmt: skip
+        settings = preset_settings(self.preset, recipe_settings(host.recipe(), concepts, kind))
+        settings.update(blocks=self.blocks or "auto", calibrate=self.calibrate, seed=int(self.seed))
         distractors = parse_list(self.distractors)
         if distractors:
             settings["distractors"] = distractors
-        elif "distractors" in settings:  # the host's pool, less the concepts being erased
-            lower = {c.lower() for c in concepts}
-            settings["distractors"] = [d for d in settings["distractors"] if d.lower() not in lower]
         for key, value in (("steps", self.steps), ("lr", self.lr), ("rank", self.rank), ("guidance", self.guidance)):
             if value is not None and float(value) < 0:
                 raise ConfigError(key, f"must be 0 (the preset's value) or positive, got {value}")
@@ -184,8 +184,6 @@ class EraseSession:
         scores = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
         curve = None
         if result.calibration is not None:
-            from .charts import plot_curve
-
             curve = plot_curve(result.calibration, title=f"calibration: {', '.join(cfg.concepts)}")
         scores.update(steps=result.steps_done, seconds=round(result.seconds, 1), stopped=result.stopped)
         gallery = []

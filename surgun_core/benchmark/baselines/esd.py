@@ -33,11 +33,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..backends.base import Backend, Cond, cond_cat
-from ..data import CondBank
-from ..errors import SurgUnError
-from ..objectives import DiffusionObjective
-from ..sampling import seeded_noise, x0_from_prediction
+from ...backends.base import Backend, Cond, cond_cat
+from ...engine.data import CondBank
+from ...errors import SurgUnError
+from ...objectives import DiffusionObjective
+from ...sampling import seeded_noise, x0_from_prediction
 from ._common import (
     BaselineResult,
     Cancel,

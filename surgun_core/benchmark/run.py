@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .bench_methods import MAIN_METHODS, METHODS, check_methods, method_signature, run_method
-from .calibrate import CalibrationResult
-from .charts import plot_curve
-from .io import atomic_path, write_json
-from .probe import DiffusionScorer
-from .toyworld import load_toy_backend, load_toy_classifier
-from .toyworld.evaluate import concept_kind, erase_metrics, generate_toy, toy_prompts
-from .toyworld.world import COLOURS, EVAL_TEMPLATE, HELDOUT_TEMPLATES, SHAPES
+from ..charts import plot_curve
+from ..engine.calibrate import CalibrationResult
+from ..io import atomic_path, write_json
+from ..judges.scorers import DiffusionScorer
+from ..toyworld import load_toy_backend, load_toy_classifier
+from ..toyworld.evaluate import concept_kind, erase_metrics, generate_toy, toy_prompts
+from ..toyworld.world import COLOURS, EVAL_TEMPLATE, HELDOUT_TEMPLATES, SHAPES
+from .methods import MAIN_METHODS, METHODS, check_methods, method_signature, run_method
 
 log = logging.getLogger(__name__)
 KEYS = ("ua", "ira", "cra", "h", "drift", "seconds", "peak_mem_mb")

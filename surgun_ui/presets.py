@@ -1,13 +1,14 @@
 """Effort presets for the front ends with a form (the A1111/Forge tab, `surgun ui`).
 
-A preset scales a host's base recipe (EraseConfig defaults for real checkpoints, demo.TOY_RECIPE for the
-toy model) rather than fixing numbers, so "quick" means half the work on any model. Advanced settings the
+A preset scales the recipe of the host's model family (surgun_core.recipes) rather than fixing numbers, so
+"quick" means half the work on any model and "balanced" is the recipe itself. Advanced settings the
 user fills in win over the preset.
 """
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from surgun_core.config import EraseConfig
+from surgun_core.errors import ConfigError
 
 # name -> (multiplier on steps, localize_steps and images_per_concept; extra settings)
 PRESETS: dict[str, tuple[float, dict]] = {
@@ -22,8 +23,6 @@ def preset_settings(name: str, base: dict) -> dict:
     """The settings of preset `name` over `base` (EraseConfig keyword arguments; EraseConfig defaults fill gaps)."""
     if name not in PRESETS:
         raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    from .config import EraseConfig
-
     factor, extra = PRESETS[name]
     defaults = EraseConfig.__dataclass_fields__
     out = dict(base)

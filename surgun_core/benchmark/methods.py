@@ -15,15 +15,18 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import calibrate, data, localize, lora, objectives, probe, sampling, surgun
+from .. import lora, meter, objectives, recipes, sampling, surgun
+from ..cache import ImageCache
+from ..demo import toy_config
+from ..engine import calibrate, data, localize, train
+from ..engine.localize import clear_memory_cache
+from ..errors import ConfigError
+from ..judges import probe, scorers
+from ..recipes import toy_templates
+from ..surgun import erase
+from ..toyworld.evaluate import concept_kind
+from ..toyworld.world import COLOURS, SHAPES
 from .baselines import BASELINES, _common, run_baseline
-from .cache import ImageCache
-from .demo import toy_config, toy_templates
-from .errors import ConfigError
-from .localize import clear_memory_cache
-from .surgun import erase
-from .toyworld.evaluate import concept_kind
-from .toyworld.world import COLOURS, SHAPES
 
 
 @dataclass
@@ -46,8 +49,8 @@ ABLATIONS: dict[str, dict] = {
 METHODS = [*ABLATIONS, *BASELINES]
 MAIN_METHODS = ["surgun", *BASELINES]
 # the code each family of methods runs (its source is part of method_signature)
-_SURGUN_CODE = (surgun, localize, calibrate, probe, data, lora, objectives, sampling)
-_BASELINE_CODE = (_common, objectives, sampling)
+_SURGUN_CODE = (surgun, train, localize, calibrate, probe, scorers, data, lora, objectives, sampling, recipes, meter)
+_BASELINE_CODE = (_common, objectives, sampling, meter)
 
 
 def check_methods(names: list[str]) -> list[str]:

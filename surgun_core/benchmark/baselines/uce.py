@@ -30,8 +30,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from ..backends.base import Backend
-from ..errors import SurgUnError
+from ...backends.base import Backend
+from ...errors import SurgUnError
 from ._common import (
     BaselineResult,
     Cancel,

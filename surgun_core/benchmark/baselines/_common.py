@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backends.base import Backend
-from ..errors import Cancelled, ConfigError, SurgUnError
-from ..surgun import peak_memory_mb
+from ...backends.base import Backend
+from ...errors import Cancelled, ConfigError, SurgUnError
+from ...meter import peak_memory_mb
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.base import Backend, Cond, cond_select
-from .cache import ImageCache
-from .concepts import expand
+from ..backends.base import Backend, Cond, cond_select
+from ..cache import ImageCache
+from ..concepts import expand
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,17 @@
+"""`surgun bench`: every method on the toy world, one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..benchmark.run import format_markdown, run_bench
+from .progress import TqdmProgress
+
+
+def run(a) -> int:
+    with TqdmProgress() as bar:
+        report = run_bench(a.concepts, a.methods, quick=a.quick, seeds_per_pair=a.seeds, out_dir=a.out,
+                           json_path=a.json, progress=bar, fresh=a.fresh, collect=a.collect)  # fmt: skip
+    print(format_markdown(report))
+    print(f"written: {Path(a.out) / 'bench.md'}, {a.json or Path(a.out) / 'bench.json'} and calibration plots")
+    return 0

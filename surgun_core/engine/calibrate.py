@@ -1,0 +1,90 @@
+"""Checkpoint calibration (DESIGN.md section 1): which training step to ship.
+
+The LoRA is kept every N steps; each checkpoint's probe images are scored for erase and retain. The last
+checkpoint ships unless the judge sees retain fall there (bench ablation: on the toy world the last step
+scored H >= the calibrated one on every concept, and the earlier rule shipped step 80 of 200 on four
+concepts, costing retention on two). When retain falls: among the checkpoints that reach the erase
+threshold, those whose retain is within a tolerance of the best retain tie; of these the one that erases
+most is chosen, and of equals the latest. If none reaches the threshold, the best harmonic mean. Why the
+latest of equals (DESIGN.md said the earliest): probe scores saturate, and a checkpoint that first reaches
+1.0 is on the edge; on the toy world ("red", ground-truth judge, 20 images) the earliest saturated step
+still let 5% through where the later ones, scored the same on the probe, let none. The tolerance (a probe
+image or two) keeps a retain difference that is noise from deciding. The whole curve is returned, stored
+in the delta's metadata and drawn as a PNG (charts.plot_curve), so a user can see why that step was chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+from ..backends.base import Backend
+from ..errors import Cancelled
+from ..judges.probe import ProbeSet, score_probe
+from ..judges.scorers import Scorer
+from ..lora import LoRASet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationResult:
+    chosen_step: int
+    threshold: float
+    reason: str
+    curve: list[dict] = field(default_factory=list)  # {"step", "erase", "retain", "h"} per checkpoint
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_step(curve: list[dict], threshold: float, tolerance: float = 0.0) -> tuple[int, str]:
+    """The documented rule over {"step", "erase", "retain", "h"} rows (step order). Returns (step, why).
+
+    The last checkpoint ships unless the judge sees retain fall there: it does when it reaches erase >=
+    threshold (or none does) with retain within `tolerance` of the best retain of the checkpoints that
+    reach it (or of all). Otherwise, among the checkpoints with erase >= threshold, those with retain >=
+    (their best retain - tolerance): highest erase, then latest; none reaches the threshold: highest h.
+    """
+    if not curve:
+        raise ValueError("calibration needs at least one checkpoint")
+    ok = [r for r in curve if r["erase"] >= threshold]
+    last = curve[-1]
+    top = max(r["retain"] for r in (ok or curve))
+    if (last in ok or not ok) and last["retain"] >= top - tolerance - 1e-9:
+        reached = f"erase >= {threshold:g}" if ok else f"no step reached erase {threshold:g}"
+        return last["step"], (f"the last step: {reached}, retain within {tolerance:g} of the best ({top:.2f}): no "
+                              f"retain fall (erase {last['erase']:.2f}, retain {last['retain']:.2f})")  # fmt: skip
+    if ok:
+        best = max([r for r in ok if r["retain"] >= top - tolerance - 1e-9], key=lambda r: (r["erase"], r["step"]))
+        return best["step"], (f"retain fell at the last step; erase >= {threshold:g} with retain within "
+                              f"{tolerance:g} of the best ({top:.2f}): the most erased, then the latest (erase "
+                              f"{best['erase']:.2f}, retain {best['retain']:.2f})")  # fmt: skip
+    best = min(curve, key=lambda r: (-r["h"], r["step"]))
+    return best["step"], f"no step reached erase {threshold:g} and retain fell at the last; best harmonic mean"
+
+
+def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict]], scorer: Scorer,
+              probe: ProbeSet, threshold: float = 0.9, steps: int = 20, guidance: float | None = None,
+              progress=None, cancel=None, tolerance: float = 0.0) -> CalibrationResult:  # fmt: skip
+    """Score each (step, LoRA state) on the probe set; leave `lora` holding the chosen checkpoint.
+
+    Args:
+        lora: the attached LoRASet the checkpoints were taken from.
+        checkpoints: (step, LoRASet.snapshot()) in step order.
+    """
+    progress = progress or (lambda *a: None)
+    curve = []
+    progress("calibrate", 0, len(checkpoints), {})
+    for i, (step, state) in enumerate(checkpoints):
+        if cancel is not None and cancel():
+            raise Cancelled("erase cancelled by the user during calibration; nothing was written")
+        lora.restore(state)
+        with backend.meter.phase("calibration"):
+            sc = score_probe(backend, scorer, probe, steps, guidance, judge=lora.disabled)
+        curve.append({"step": step, "erase": sc.erase, "retain": sc.retain, "h": sc.h})
+        log.info("calibration: step %5d  erase %.2f  retain %.2f", step, sc.erase, sc.retain)
+        progress("calibrate", i + 1, len(checkpoints), {"erase": sc.erase, "retain": sc.retain})
+    chosen, why = choose_step(curve, threshold, tolerance)
+    lora.restore(dict(checkpoints)[chosen])
+    return CalibrationResult(chosen, threshold, why, curve)

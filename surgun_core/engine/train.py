@@ -1,0 +1,233 @@
+"""The SurgUn loss of DESIGN.md section 1, one training step, and the training loop.
+
+L_T = l(X_T, c_T)                    target images under the target prompt      (pushed up)
+L_D = l(X_D, c_T)                    distractor images under the TARGET prompt  (pushed down)
+L_C = max(log(L_D + d) - log(L_T + d), -cap)   log contrast: ascent whose push fades as L_T grows, and
+                                     stops once the target has lost the competition (L_T >= e^cap * L_D)
+L_R = |f(x_t, t, c_R) - f0(x_t, t, c_R)|^2   retain anchor against the frozen model
+L   = -w_A L_T + w_D L_D + w_C L_C + w_R L_R   (each term switchable in EraseConfig)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends.base import Backend, cond_cat
+from ..cache import ImageCache, default_cache_dir
+from ..concepts import templates_for
+from ..config import EraseConfig
+from ..errors import Cancelled, ConfigError
+from ..lora import LoRASet
+from .data import CondBank, generate_concept_images
+
+log = logging.getLogger(__name__)
+
+# progress(phase, done, total, stats): phase is "images" (generating training images) or "train"
+# (front ends may add their own, such as "evaluate").
+Progress = Callable[[str, int, int, dict], None]
+Cancel = Callable[[], bool]
+
+
+@dataclass
+class TrainResult:
+    """What the loop made: the LoRA (still attached: the model is erased until lora.detach()) and its record."""
+
+    lora: LoRASet
+    history: list[dict] = field(default_factory=list)  # per step: loss and its terms
+    checkpoints: list[tuple[int, dict]] = field(default_factory=list)  # (step, LoRA state)
+    steps_done: int = 0
+    stopped: str | None = None  # why training ended early, if it did
+
+
+def surgun_loss(cfg: EraseConfig, L_T, L_D, L_R):
+    """The SurgUn objective (DESIGN.md section 1). Returns (L, L_C)."""
+    d = cfg.contrast_delta
+    L_C = torch.log(L_D + d) - torch.log(L_T + d)
+    if cfg.contrast_cap is not None:  # the target has lost once L_T >= e^cap * L_D: stop pushing it further
+        L_C = L_C.clamp(min=-cfg.contrast_cap)
+    A, D, C, R = (float(on) for on in (cfg.use_ascent, cfg.use_distractors, cfg.use_contrast, cfg.use_retain))
+    L = -A * cfg.w_ascent * L_T + D * cfg.w_distract * L_D + C * cfg.w_contrast * L_C + R * cfg.w_retain * L_R
+    return L, L_C
+
+
+def train_delta(
+    backend: Backend,
+    cfg: EraseConfig,
+    pattern: str,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    cache: ImageCache | None = None,
+    checkpoint_every: int = 0,
+) -> TrainResult:
+    """The SurgUn training loop on the attention layers matching `pattern`. Leaves the LoRA attached.
+
+    Returns the LoRA, history and checkpoints; the orchestrator (surgun.erase) builds the delta.
+
+    Args:
+        checkpoint_every: keep the LoRA every N steps (and the last) for calibration; 0: none.
+    """
+    progress = progress or (lambda *a: None)
+    cancel = cancel or (lambda: False)
+    cache = cache or ImageCache(default_cache_dir())
+    templates = cfg.templates or list(templates_for(cfg.kind))
+    distractors = cfg.resolved_distractors()
+    if (cfg.use_distractors or cfg.use_contrast) and not distractors:
+        raise ConfigError("distractors", "none left after removing the concepts; give at least one")
+    targets = backend.lora_targets(pattern)  # raises when the pattern matches nothing
+
+    # 1. Training images from the frozen model (cached per model fingerprint, prompt and seed).
+    def on_image(done: int, total: int) -> None:
+        _check(cancel)
+        progress("images", done, total, {})
+
+    def gen(names: list[str], seed_offset: int):
+        return generate_concept_images(
+            backend, names, templates, cfg.images_per_concept, cfg.seed + seed_offset, cfg.sample_steps,
+            cfg.guidance, cache, on_image, cfg.sample_batch_size,
+        )  # fmt: skip
+
+    with backend.meter.phase("training images"):
+        X_T = gen(cfg.concepts, 0)
+        X_D = gen(distractors, 1) if distractors else None
+        retain_prompts = cfg.retain_prompts or (X_D.prompts if X_D is not None else [])
+        X_R = None
+        if cfg.use_retain:
+            X_R = _retain_images(backend, cfg, cache) if cfg.retain_prompts else X_D
+            if X_R is None:
+                raise ConfigError("retain_prompts", "use_retain needs retain_prompts or distractors")
+    bank = CondBank(backend, X_T.prompts + (retain_prompts if cfg.use_retain else []))
+
+    # 2. LoRA on the chosen attention layers; the base stays frozen (no grads, no optimizer state).
+    with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights come from the seed too
+        torch.manual_seed(cfg.seed)
+        lset = LoRASet(targets, cfg.rank, cfg.alpha).attach()
+    params = list(lset.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    dev = backend.device
+    result = TrainResult(lora=lset)
+    good = lset.snapshot()
+    B = cfg.batch_size
+    ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else dev.type == "cuda"
+    stack = contextlib.ExitStack()
+    stack.enter_context(backend.gradient_checkpointing(ckpt))
+    stack.enter_context(backend.meter.phase("training"))
+    try:
+        for step in range(cfg.steps):
+            _check(cancel)
+            # target batch: target images with their own (target) prompts
+            it = torch.randint(0, len(X_T.prompts), (B,), generator=g)
+            x_T = X_T.x0[it].to(dev, backend.dtype)
+            batch = StepBatch(x_T, bank.batch([X_T.prompts[i] for i in it]), backend.objective.sample_t(B, g))
+            batch.noise_T = torch.randn(x_T.shape, generator=g).to(x_T)
+            if cfg.use_distractors or cfg.use_contrast:
+                # distractor batch: K distractors drawn afresh, their images under the TARGET prompts
+                k = min(cfg.distractors_per_step, len(X_D.names))
+                chosen = torch.randperm(len(X_D.names), generator=g)[:k]
+                pool = torch.cat([X_D.of(int(i)) for i in chosen])
+                idd = pool[torch.randint(0, len(pool), (B,), generator=g)]
+                batch.x_D = X_D.x0[idd].to(dev, backend.dtype)
+                batch.noise_D = torch.randn(batch.x_D.shape, generator=g).to(batch.x_D)
+            if cfg.use_retain:
+                ir = torch.randint(0, len(X_R.prompts), (B,), generator=g)
+                batch.x_R = X_R.x0[ir].to(dev, backend.dtype)
+                batch.c_R = bank.batch([X_R.prompts[i] for i in ir])
+                batch.noise_R = torch.randn(batch.x_R.shape, generator=g).to(batch.x_R)
+            opt.zero_grad(set_to_none=True)
+            L, L_T, L_D, L_C, L_R = surgun_backward(backend, cfg, lset, batch)
+            if not torch.isfinite(L):
+                result.stopped = f"non-finite loss at step {step + 1}; kept the LoRA of step {step}"
+                log.warning(result.stopped)
+                lset.restore(good)
+                break
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            if not all(torch.isfinite(p).all() for p in params):
+                result.stopped = f"non-finite LoRA weights after step {step + 1}; kept the LoRA of step {step}"
+                log.warning(result.stopped)
+                lset.restore(good)
+                break
+            good = lset.snapshot()
+            result.steps_done = step + 1
+            stats = {"loss": L.item(), "L_T": L_T.item(), "L_D": L_D.item(), "L_C": L_C.item(), "L_R": L_R.item()}
+            result.history.append({"step": step + 1, **stats})
+            if checkpoint_every and (step + 1) % checkpoint_every == 0:
+                result.checkpoints.append((step + 1, good))
+            progress("train", step + 1, cfg.steps, stats)
+    except BaseException:
+        lset.detach()  # cancelled or failed: the model is left as it was
+        raise
+    finally:
+        stack.close()
+    if checkpoint_every and (not result.checkpoints or result.checkpoints[-1][0] != result.steps_done):
+        result.checkpoints.append((result.steps_done, lset.snapshot()))
+    return result
+
+
+def _check(cancel: Cancel) -> None:
+    if cancel():
+        raise Cancelled("erase cancelled by the user; nothing was written")
+
+
+@dataclass
+class StepBatch:
+    """One training step's inputs: target images and prompts, timesteps, noise; distractors; retain images."""
+
+    x_T: torch.Tensor  # (B, C, H, W) target images
+    c_T: object  # their (target) prompts' conditioning, also the distractors' prompts
+    t: torch.Tensor  # (B,) training timesteps, shared by the three batches
+    noise_T: torch.Tensor | None = None
+    x_D: torch.Tensor | None = None  # distractor images (None: no distractor or contrast term)
+    noise_D: torch.Tensor | None = None
+    x_R: torch.Tensor | None = None  # retain images (None: no retain anchor)
+    c_R: object | None = None
+    noise_R: torch.Tensor | None = None
+
+
+def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBatch):
+    """The forwards of one step and the backward of L into the LoRA's gradients. Returns (L, L_T, L_D, L_C, L_R).
+
+    The backward runs in two parts so fewer activation graphs are alive at once (memory): L is linear in
+    L_R, so the target/distractor part goes first, then the retain term's own forward and backward.
+    A non-finite part adds no gradient; the caller sees it in the returned L.
+    """
+    zero = torch.zeros((), device=b.x_T.device)
+    if b.x_D is None:
+        L_T, L_D = backend.loss(b.x_T, b.c_T, b.noise_T, b.t).mean(), zero
+    else:  # one forward for both batches (same prompts, same timesteps): (2B,) per-sample losses
+        per = backend.loss(torch.cat([b.x_T, b.x_D]), cond_cat([b.c_T, b.c_T]), torch.cat([b.noise_T, b.noise_D]),
+                           torch.cat([b.t, b.t]))  # fmt: skip
+        L_T, L_D = per[: len(b.x_T)].mean(), per[len(b.x_T) :].mean()
+    L_TD, _ = surgun_loss(cfg, L_T, L_D, zero)
+    if torch.isfinite(L_TD) and L_TD.requires_grad:
+        L_TD.backward()
+    L_R = zero
+    if b.x_R is not None:
+        L_R = _retain_term(backend, lset, b.x_R, b.c_R, b.t, b.noise_R)
+        if torch.isfinite(L_R):
+            (cfg.w_retain * L_R).backward()
+    L_T, L_D, L_R = L_T.detach(), L_D.detach(), L_R.detach()
+    L, L_C = surgun_loss(cfg, L_T, L_D, L_R)  # the whole objective's value
+    return L, L_T, L_D, L_C, L_R
+
+
+def _retain_term(backend, lset, x0, cond, t, noise):
+    """|f(x_t, t, c_R) - f0(x_t, t, c_R)|^2: the LoRA must not change predictions on retain prompts."""
+    obj = backend.objective
+    x_t = obj.noisy(x0, noise, t.to(x0.device))
+    tm = obj.model_time(t).to(x0.device)
+    with torch.no_grad(), lset.disabled():
+        ref = backend.predict(x_t, tm, cond).float()
+    return ((backend.predict(x_t, tm, cond).float() - ref) ** 2).mean()
+
+
+def _retain_images(backend, cfg, cache):
+    """Images for user-given retain prompts, each prompt taken literally (no templates)."""
+    return generate_concept_images(backend, cfg.retain_prompts, ["{}"], max(2, cfg.images_per_concept // 4),
+                                   cfg.seed + 2, cfg.sample_steps, cfg.guidance, cache,
+                                   batch_size=cfg.sample_batch_size)  # fmt: skip

@@ -1,0 +1,95 @@
+"""The probe set and its scores: erase and retain as a judge sees them (localization, calibration, reports).
+
+The probe set is prompts with the erased concepts and prompts with retained ones (same kind), at fixed
+seeds. score_probe draws them with the model as it is now and asks a judge (scorers.py) which label each
+image shows: erase = share of erased-prompt images NOT judged as their concept; retain = share of
+retained-prompt images judged as theirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends.base import Backend
+from ..concepts import templates_for
+from ..config import EraseConfig
+from .scorers import Scorer
+
+PROBE_SEED = 7_000_000  # probe images use seeds far from the training images' seeds
+Judge = Callable[[], contextlib.AbstractContextManager]  # a context in which the model is the base model
+
+
+@dataclass
+class ProbeSet:
+    """Prompts with the erased concepts and with retained ones (same kind), fixed seeds."""
+
+    erased: list[str]
+    retained: list[str]
+    templates: list[str]
+    seeds: list[int] = field(default_factory=lambda: [1000, 1001])
+
+    def rows(self) -> list[tuple[str, str, int]]:
+        """(prompt, label, seed) for every concept x template x seed; erased concepts first."""
+        return [(tpl.format(c), c, s) for c in self.erased + self.retained for tpl in self.templates
+                for s in self.seeds]  # fmt: skip
+
+    @property
+    def labels(self) -> list[str]:
+        return self.erased + self.retained
+
+
+def probe_set(cfg: EraseConfig) -> ProbeSet:
+    """The probe prompts of an erasure: its concepts and the first few distractors (same kind), fixed seeds."""
+    templates = cfg.probe_templates or (cfg.templates or list(templates_for(cfg.kind)))[:2]
+    retained = cfg.resolved_distractors()[: cfg.probe_retained]
+    return ProbeSet(list(cfg.concepts), retained, templates, [PROBE_SEED + i for i in range(cfg.probe_seeds)])
+
+
+def judge_templates(cfg: EraseConfig) -> list[str]:
+    """The label prompts a judge scores: the concept alone, as in training (the first cfg.judge_prompts)."""
+    return (cfg.templates or list(templates_for(cfg.kind)))[: cfg.judge_prompts]
+
+
+@dataclass
+class ProbeScores:
+    erase: float  # share of erased-prompt images not judged as their concept
+    retain: float  # share of retained-prompt images judged as their concept
+    per_concept: dict[str, float]  # erased: share erased; retained: share kept
+    x0: torch.Tensor | None = None  # the probe images (sample space), in ProbeSet.rows() order
+
+    @property
+    def h(self) -> float:
+        return 2 / (1 / max(self.erase, 1e-9) + 1 / max(self.retain, 1e-9))
+
+    def to_dict(self) -> dict:
+        return {"erase": self.erase, "retain": self.retain, "h": self.h, "per_concept": self.per_concept}
+
+
+def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 20, guidance: float | None = None,
+                x0: torch.Tensor | None = None, judge: Judge | None = None) -> ProbeScores:  # fmt: skip
+    """Generate the probe images with the model as it is now (LoRA on, if attached) and score them.
+
+    Args:
+        judge: a context in which the model is the base model (e.g. LoRASet.disabled): the diffusion
+            scorer must judge with the model from before the erasure, not with the erased one.
+        x0: probe images already generated (ProbeSet.rows() order); then only the scoring runs.
+    """
+    rows = probe.rows()
+    if x0 is None:
+        with backend.meter.phase("probe images"):
+            x0 = backend.sample([r[0] for r in rows], [r[2] for r in rows], steps, guidance)
+    with (judge or contextlib.nullcontext)(), backend.meter.phase("judging"):
+        pred = scorer.predict(x0, probe.labels)
+    per = {}
+    for c in probe.labels:
+        hits = [p == c for p, r in zip(pred, rows) if r[1] == c]
+        per[c] = sum(hits) / len(hits)
+        if c in probe.erased:
+            per[c] = 1 - per[c]
+    erase = sum(per[c] for c in probe.erased) / len(probe.erased)
+    retain = sum(per[c] for c in probe.retained) / len(probe.retained) if probe.retained else 1.0
+    return ProbeScores(erase, retain, per, x0)

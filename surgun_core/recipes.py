@@ -1,0 +1,108 @@
+"""One recipe per model family (DESIGN.md section 2): where every front end's defaults come from.
+
+A front end finds its model's family (`family_of`), starts from that family's recipe and overrides only
+what its user set (`recipe_config`). So the same concept on the same model gets the same erase from the
+ComfyUI node's defaults, the tab's "balanced" preset and `surgun erase` without options; the delta's header
+and every report name the recipe that ran (EraseConfig.recipe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .backends.base import Backend
+from .concepts import templates_for
+from .config import EraseConfig
+from .errors import ConfigError
+from .objectives import FlowObjective
+from .toyworld.model import ARCHITECTURE as TOY_ARCHITECTURE
+from .toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
+
+# Probe prompts of the toy world: the concept alone and with the other attribute, as users write them
+# (training prompts name the concept alone).
+TOY_PROBE_TEMPLATES = {
+    "object": ("a {}", "a yellow {}", "a photo of a green {}", "a {} in purple"),
+    "style": ("{} artwork", "a {} square", "a photo of a {} ring", "a triangle in {}"),
+}
+
+
+def toy_templates(kind: str) -> list[str]:
+    """The toy world's training phrasings of a kind, with "{}" for the concept (the engine's template form)."""
+    templates = OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES
+    return [t.replace("{s}", "{}").replace("{c}", "{}") for t in templates]
+
+
+def _toy_concepts(kind: str, concepts: list[str]) -> dict:
+    """The toy world's own phrasings; the other concepts of the kind are the distractors."""
+    pool = SHAPES if kind == "object" else COLOURS
+    lower = {c.lower() for c in concepts}
+    return {"distractors": [c for c in pool if c not in lower], "templates": toy_templates(kind),
+            "probe_templates": list(TOY_PROBE_TEMPLATES[kind])}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """EraseConfig settings for one model family; `per_concepts` adds those that depend on kind and concepts."""
+
+    name: str
+    description: str
+    settings: dict = field(default_factory=dict)
+    per_concepts: Callable[[str, list[str]], dict] | None = None
+
+    def settings_for(self, kind: str, concepts: list[str]) -> dict:
+        extra = self.per_concepts(kind, concepts) if self.per_concepts else {}
+        return {**self.settings, **extra, "recipe": self.name}
+
+
+# sized for 2 CPU cores; probe images at 10 sampler steps and one label prompt per concept for the judge:
+# half the cost of localization and calibration, and the judge named the shape of base images as often
+# (0.99 vs 0.98, 80 images)
+TOY_SETTINGS = dict(steps=200, lr=6e-3, rank=4, alpha=4.0, batch_size=8, images_per_concept=16, guidance=4.0,
+                    sample_batch_size=64, probe_sample_steps=10, judge_prompts=1)  # fmt: skip
+
+RECIPES: dict[str, Recipe] = {
+    "toy": Recipe("toy", "the embedded toy world (16x16 pixels, 1.1M parameters)", TOY_SETTINGS, _toy_concepts),
+    # EraseConfig's defaults are the SD recipe
+    "sd1": Recipe("sd1", "Stable Diffusion 1.x / 2.x UNets (512-768 px)"),
+    # 1024 px latents: fewer images per sampler call, so training images fit an 8-12 GB card
+    "sdxl": Recipe("sdxl", "Stable Diffusion XL UNets (1024 px)", dict(sample_batch_size=4)),
+    "flow": Recipe("flow", "flow-matching DiTs (SD3, Flux, SANA)", dict(sample_batch_size=4)),
+}
+
+_PREFIXES = (
+    (TOY_ARCHITECTURE, "toy"),
+    ("stable-diffusion-xl", "sdxl"),
+    ("stable-diffusion-v1", "sd1"),
+    ("stable-diffusion-v2", "sd1"),
+    ("stable-diffusion-3", "flow"),
+    ("flux", "flow"),
+    ("sana", "flow"),
+)
+
+
+def family_of(backend: Backend) -> str:
+    """The recipe family of a backend's model, from its architecture (else its objective)."""
+    for prefix, family in _PREFIXES:
+        if backend.architecture.startswith(prefix):
+            return family
+    return "flow" if isinstance(backend.objective, FlowObjective) else "sd1"
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ConfigError("recipe", f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def recipe_settings(family: str, concepts: list[str], kind: str = "object") -> dict:
+    """The recipe's EraseConfig keyword arguments for these concepts (before the user's overrides)."""
+    templates_for(kind)  # an unknown kind is refused with the valid ones
+    return {**get_recipe(family).settings_for(kind, concepts), "concepts": list(concepts), "kind": kind}
+
+
+def recipe_config(family: str, concepts: list[str], kind: str = "object", **user) -> EraseConfig:
+    """EraseConfig = the family's recipe, then what the user set (None values mean "not set")."""
+    settings = recipe_settings(family, concepts, kind)
+    settings.update({k: v for k, v in user.items() if v is not None})
+    return EraseConfig.from_dict(settings)

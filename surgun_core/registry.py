@@ -1,0 +1,29 @@
+"""Names every layer validates against: block presets, "auto", attention kinds, judges, precisions, attacks.
+
+The bottom of the core: it imports nothing of ours, so config.py and the backends can check a setting
+without reaching up into the stages that implement it (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+AUTO_BLOCKS = "auto"  # pixel-grounded localization picks the blocks (engine/localize.py)
+BLOCK_PRESETS = {
+    # keys/values of cross-attention: the only attention weights that read the prompt, so a change there
+    # acts through the concept's tokens (the UCE/MACE observation)
+    "cross-attn-kv": r"attn2\.(to_k|to_v)$",
+    "cross-attn": r"attn2\.",  # all of cross-attention (q, k, v, out)
+    "self-attn": r"attn1\.",
+    "all-attn": r"(attn1|attn2)\.",
+    # DiT transformer blocks: SANA attn1/attn2, SD3 joint_blocks.N.{x,context}_block.attn(2), Flux
+    # double_blocks.N.{img,txt}_attn (Flux single_blocks fuse attention into linear1/linear2: not included)
+    "dit-attn": r"(attn1|attn2|attn)\.",
+    # MMDiT text stream (SD3 context_block, Flux txt_attn): the q/k/v of the prompt tokens, which image
+    # tokens attend to; the joint-attention counterpart of cross-attn-kv
+    "dit-text-qkv": r"(context_block\.attn|txt_attn)\.qkv$",
+}
+# localization's candidate groups: "cross" (cross-attention K/V per level, and all of them together),
+# "self" (self-attention per level), "all" (both)
+ATTENTION_KINDS = ("cross", "self", "all")
+# who judges probe images (judges/scorers.py): the base model itself, the toy world's classifier, a local CLIP
+SCORER_NAMES = ("diffusion", "toy", "clip")
+PRECISIONS = ("float32", "bfloat16", "float16")
