@@ -8,8 +8,9 @@ from comfy_api.latest import io
 from ..surgun_core.charts import plot_groups
 from ..surgun_core.concepts import KINDS
 from ..surgun_core.engine.localize import localize_for
+from ..surgun_core.recipes import family_of
 from ..surgun_core.registry import ATTENTION_KINDS
-from .parsing import build_config
+from .parsing import build_config, recipe_value
 from .probe_node import PROBE_SCORERS
 from .train_node import cancelled, comfy_backend
 from .types import CATEGORY, pil_to_image
@@ -39,10 +40,10 @@ class SurgUnLocalize(io.ComfyNode):
                 io.Int.Input("steps_per_group", default=40, min=1, max=1000,
                              tooltip="SurgUn steps of each group's short run."),
                 io.Int.Input("keep", default=2, min=1, max=16, tooltip="How many block groups to choose."),
-                io.Float.Input("learning_rate", default=2e-3, min=1e-6, max=1.0, step=1e-4, round=False,
-                               tooltip="AdamW learning rate of the short runs (as in SurgUn Train)."),
-                io.Float.Input("guidance", default=5.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="CFG scale of training and probe images."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-4, round=False,
+                               tooltip="AdamW learning rate of the short runs (as in SurgUn Train); 0: the recipe's."),
+                io.Float.Input("guidance", default=0.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG scale of training and probe images; 0: the recipe's."),
                 io.Combo.Input("scorer", options=PROBE_SCORERS, default="diffusion",
                                tooltip="Judge of the probe images: the base model itself, or the demo model's "
                                "ground-truth classifier ('toy')."),
@@ -60,10 +61,12 @@ class SurgUnLocalize(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, distractors, kind, attention, steps_per_group, keep, learning_rate,
                 guidance, scorer, seed) -> io.NodeOutput:  # fmt: skip
-        cfg = build_config(concepts, distractors, kind=kind, localize_attention=attention,
-                           localize_steps=steps_per_group, localize_keep=keep, lr=learning_rate, guidance=guidance,
-                           scorer=scorer, seed=seed, extra={"front_end": "comfyui"})  # fmt: skip
-        backend = comfy_backend(model, clip, guidance)
+        backend = comfy_backend(model, clip)
+        cfg = build_config(concepts, distractors, family=family_of(backend), kind=kind, localize_attention=attention,
+                           localize_steps=steps_per_group, localize_keep=keep, lr=recipe_value(learning_rate),
+                           guidance=recipe_value(guidance), scorer=scorer, seed=seed,
+                           extra={"front_end": "comfyui"})  # fmt: skip
+        backend.default_guidance = cfg.guidance
         pbar = comfy.utils.ProgressBar(1)
         with backend.training():
             res = localize_for(backend, cfg, progress=lambda _p, d, n, _s: pbar.update_absolute(d, n),

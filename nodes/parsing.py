@@ -11,6 +11,7 @@ import re
 # is not installed there, so the core is reached through the pack.
 from ..surgun_core.config import EraseConfig, parse_list
 from ..surgun_core.errors import ConfigError
+from ..surgun_core.recipes import recipe_config
 from ..surgun_core.registry import AUTO_BLOCKS, BLOCK_PRESETS
 
 MANUAL_BLOCKS = "manual"
@@ -34,19 +35,21 @@ def resolve_blocks(preset: str, manual: str | None) -> str:
     return preset
 
 
-def build_config(concepts: str, distractors: str = "", templates: str = "", **settings) -> EraseConfig:
-    """EraseConfig from the Train node's text widgets and plain settings (kind, steps, lr, rank, seed, ...).
+def build_config(concepts: str, distractors: str = "", templates: str = "", family: str = "sd1", kind: str = "object",
+                 **settings) -> EraseConfig:  # fmt: skip
+    """EraseConfig from the Train node's widgets: the model family's recipe, then what the user set.
 
-    An empty distractors or templates widget means the built-in list for `kind`. An empty concepts widget
-    is an error, raised by EraseConfig with the field named.
+    A setting given as None (a widget left at 0, "the recipe's") keeps the recipe's value. An empty distractors
+    or templates widget keeps the recipe's lists (the built-in ones for `kind`). An empty concepts widget is
+    an error, raised by EraseConfig with the field named.
     """
-    tpl = parse_list_lines(templates)
-    return EraseConfig(
-        concepts=parse_list(concepts),
-        distractors=parse_list(distractors) or None,
-        templates=tpl or None,
-        **settings,
-    )
+    user = dict(settings, distractors=parse_list(distractors) or None, templates=parse_list_lines(templates) or None)
+    return recipe_config(family, parse_list(concepts), kind, **user)
+
+
+def recipe_value(value):
+    """A numeric widget at 0 means "the recipe's value" (None); any other value is the user's."""
+    return None if value == 0 else value
 
 
 def parse_list_lines(text: str | None) -> list[str]:

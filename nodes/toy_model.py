@@ -36,7 +36,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from ..surgun_core.toyworld.model import ARCHITECTURE, MODEL_DIR
+from ..surgun_core.toyworld.paths import ARCHITECTURE, MODEL_DIR
 from ..surgun_core.toyworld.tokenizer import MAX_LENGTH
 
 CLIP_VOCAB = 49408  # comfy.clip_model.CLIPEmbeddings always builds the full CLIP vocabulary

@@ -10,10 +10,11 @@ from comfy_api.latest import io
 
 from ..surgun_core.backends.comfy import ComfyBackend, apply_delta
 from ..surgun_core.concepts import KINDS
+from ..surgun_core.recipes import family_of
 from ..surgun_core.registry import AUTO_BLOCKS
 from ..surgun_core.surgun import erase
 from .live import send_train_update
-from .parsing import BLOCK_CHOICES, build_config, resolve_blocks
+from .parsing import BLOCK_CHOICES, build_config, recipe_value, resolve_blocks
 from .types import CATEGORY, UnlearnDelta
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,13 @@ class SurgUnTrain(io.ComfyNode):
                                 "per line; empty: the built-in list for the kind."),
                 io.Combo.Input("kind", options=list(KINDS), default="object",
                                tooltip="What the concepts are: 'object' (things) or 'style' (artists, looks)."),
-                io.Int.Input("steps", default=150, min=1, max=10000,
-                             tooltip="Training steps; more erases more strongly and takes longer."),
-                io.Float.Input("learning_rate", default=2e-3, min=1e-6, max=1.0, step=1e-4, round=False,
-                               tooltip="AdamW learning rate of the LoRA."),
-                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank: size of the delta."),
+                io.Int.Input("steps", default=0, min=0, max=10000,
+                             tooltip="Training steps; more erases more strongly and takes longer. 0: the recipe's "
+                             "for this model family (the same as `surgun erase` and the tab's balanced preset)."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-4, round=False,
+                               tooltip="AdamW learning rate of the LoRA; 0: the recipe's."),
+                io.Int.Input("rank", default=0, min=0, max=128,
+                             tooltip="LoRA rank: size of the delta; 0: the recipe's."),
                 io.Combo.Input("blocks", options=BLOCK_CHOICES, default=AUTO_BLOCKS,
                                tooltip="Which attention layers get the LoRA: 'auto' = localization picks the block "
                                "groups that erase with the best retain (short runs first); a preset; or 'manual' "
@@ -52,8 +55,9 @@ class SurgUnTrain(io.ComfyNode):
                 io.String.Input("blocks_regex", default="", optional=True,
                                 tooltip="With blocks = manual: a regular expression over the model's attention "
                                 "Linear names, e.g. attn2\\.to_k$."),
-                io.Float.Input("guidance", default=5.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="CFG scale used when the frozen model draws its own training images."),
+                io.Float.Input("guidance", default=0.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG scale used when the frozen model draws its own training images; 0: the "
+                               "recipe's."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of training images and of training; same seed, same delta."),
                 io.String.Input("templates", multiline=True, default="", optional=True,
@@ -71,12 +75,14 @@ class SurgUnTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, distractors, kind, steps, learning_rate, rank, blocks, guidance, seed,
                 calibration=True, blocks_regex="", templates="") -> io.NodeOutput:  # fmt: skip
-        # 1. widgets -> EraseConfig (validated there: an empty concept list fails here, before any work)
-        cfg = build_config(concepts, distractors, templates or "", kind=kind, steps=steps, lr=learning_rate,
-                           rank=rank, alpha=float(rank), blocks=resolve_blocks(blocks, blocks_regex),
-                           calibrate=calibration, guidance=guidance, seed=seed,
+        # 1. widgets -> the model family's recipe + what the user set (validated: an empty concept list fails here)
+        backend = comfy_backend(model, clip)
+        cfg = build_config(concepts, distractors, templates or "", family=family_of(backend), kind=kind,
+                           steps=recipe_value(steps), lr=recipe_value(learning_rate), rank=recipe_value(rank),
+                           alpha=float(rank) if rank else None, blocks=resolve_blocks(blocks, blocks_regex),
+                           calibrate=calibration, guidance=recipe_value(guidance), seed=seed,
                            extra={"front_end": "comfyui"})  # fmt: skip
-        backend = comfy_backend(model, clip, guidance)
+        backend.default_guidance = cfg.guidance
         # 2. localize, train, calibrate (progress bar, live numbers, Cancel), leaving the shared model as it was
         pbar = comfy.utils.ProgressBar(cfg.steps)
         with backend.training():
@@ -102,17 +108,20 @@ class SurgUnTrain(io.ComfyNode):
         return progress
 
 
-def comfy_backend(model, clip, guidance: float) -> ComfyBackend:
+def comfy_backend(model, clip, guidance: float | None = None) -> ComfyBackend:
     """The ComfyUI backend for a MODEL + CLIP; the demo model carries its architecture and image size."""
     base = model.model
     backend = ComfyBackend(model, clip, architecture=getattr(base, "surgun_architecture", None),
                            image_size=getattr(base, "surgun_image_size", None))  # fmt: skip
-    backend.default_guidance = guidance
+    if guidance is not None:
+        backend.default_guidance = guidance
     return backend
 
 
 def train_report(result) -> str:
-    lines = [f"SurgUn: {result.steps_done} steps in {result.seconds:.0f} s"]
+    recipe = result.delta.metadata.get("surgun.recipe") or "custom"
+    lines = [f"SurgUn ({recipe} recipe): {result.steps_done} steps in {result.seconds:.0f} s, "
+             f"{result.forwards:,} denoiser sample-forwards"]  # fmt: skip
     if result.localization:
         loc = result.localization
         lines.append(f"blocks (auto): {', '.join(loc.chosen)}" + (" (cached)" if loc.cached else ""))

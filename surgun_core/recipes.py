@@ -16,7 +16,7 @@ from .concepts import templates_for
 from .config import EraseConfig
 from .errors import ConfigError
 from .objectives import FlowObjective
-from .toyworld.model import ARCHITECTURE as TOY_ARCHITECTURE
+from .toyworld.paths import ARCHITECTURE as TOY_ARCHITECTURE
 from .toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
 
 # Probe prompts of the toy world: the concept alone and with the other attribute, as users write them

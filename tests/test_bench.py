@@ -59,7 +59,8 @@ def test_bench_reuses_finished_runs_and_redoes_stale_ones(tmp_path):
 
 def test_markdown_has_the_averages_and_h_per_concept():
     def row(h):
-        return {"ua": 1.0, "ira": h, "cra": 1.0, "h": h, "drift": 0.01, "seconds": 10.0, "peak_mem_mb": 5.0}
+        return {"ua": 1.0, "ira": h, "cra": 1.0, "h": h, "spread": 0.5, "drift": 0.01, "forwards": 1234.0,
+                "seconds": 10.0, "peak_mem_mb": 5.0}  # fmt: skip
 
     per = {"surgun": {"circle": row(0.98), "red": row(1.0)}, "uce": {"circle": row(0.5)}}
     report = {"methods": {"surgun": row(0.99), "uce": row(0.5)}, "per_concept": per,

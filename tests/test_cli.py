@@ -7,7 +7,7 @@ import pytest
 from surgun_core.cli import main
 from surgun_core.lora import LoraDelta
 from surgun_core.toyworld import load_toy_backend
-from surgun_core.toyworld.model import MODEL_DIR
+from surgun_core.toyworld.paths import MODEL_DIR
 
 # the full method (localization + calibration) but tiny: 1 step per block group, 1 probe seed
 FAST = {"images_per_concept": 2, "sample_steps": 2, "templates": ["a {}"], "localize_steps": 1, "probe_seeds": 1,

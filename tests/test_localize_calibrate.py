@@ -10,7 +10,7 @@ from surgun_core.charts import _wrap, plot_curve, plot_groups
 from surgun_core.config import EraseConfig
 from surgun_core.demo import toy_config
 from surgun_core.engine.calibrate import CalibrationResult, choose_step
-from surgun_core.engine.localize import candidate_groups, choose_groups, localize
+from surgun_core.engine.localize import ALL_CROSS, candidate_groups, choose_groups, localize
 from surgun_core.errors import Cancelled, ConfigError
 from surgun_core.judges.probe import ProbeSet, probe_set, score_probe
 from surgun_core.judges.scorers import DiffusionScorer, ToyScorer, make_scorer
@@ -36,8 +36,11 @@ def test_candidate_groups_cover_unet_levels(toy_backend):
 
 def test_candidate_groups_split_a_dit_by_depth():
     groups = candidate_groups(tiny_backend("sana"), "cross")
-    assert [g.name.split()[-1] for g in groups] == ["early", "middle", "late"][: len(groups)]
+    depth = [g for g in groups if g.name != ALL_CROSS]
+    assert [g.name.split()[-1] for g in depth] == ["early", "middle", "late"][: len(depth)]
     assert all(g.modules for g in groups)
+    if len(depth) > 1:  # every level together competes with the levels
+        assert set(groups[-1].modules) == {m for g in depth for m in g.modules}
 
 
 def test_group_pattern_matches_exactly_its_layers(toy_backend):

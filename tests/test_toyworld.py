@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from surgun_core.toyworld import evaluate as ev
-from surgun_core.toyworld.model import MODEL_DIR
+from surgun_core.toyworld.paths import MODEL_DIR
 from surgun_core.toyworld.tokenizer import build_tokenizer_files
 from surgun_core.toyworld.train import train_toy_model
 from surgun_core.toyworld.world import COLOURS, SHAPES, render_batch, vocabulary

@@ -41,9 +41,21 @@ DEMO_DELTA = "surgun/demo_circle_00001_.safetensors"  # what surgun_demo_erase s
 def demo_erase(info: dict) -> Graph:
     g = Graph(info)
     demo = g.add("SurgUnDemoModel")
-    train = g.add("SurgUnTrain", model=demo[0], clip=demo[1], concepts="circle", distractors=TOY_SHAPES,
-                  kind="object", steps=200, learning_rate=0.006, rank=4, blocks="auto", calibration=True,
-                  guidance=4.0, seed=0)  # fmt: skip
+    train = g.add(
+        "SurgUnTrain",
+        model=demo[0],
+        clip=demo[1],
+        concepts="circle",
+        distractors=TOY_SHAPES,
+        kind="object",
+        steps=0,
+        learning_rate=0.0,
+        rank=0,
+        blocks="auto",
+        calibration=True,
+        guidance=0.0,
+        seed=0,
+    )  # fmt: skip  (0: the toy recipe's values)
     probe = g.add("SurgUnConceptProbe", model=train[0], clip=demo[1], vae=demo[2], base_model=demo[0],
                   concepts="circle", retain_concepts=TOY_SHAPES, kind="object", seeds=4, steps=20, guidance=4.0,
                   scorer="diffusion")  # fmt: skip

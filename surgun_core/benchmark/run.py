@@ -2,9 +2,11 @@
 
 For each concept (every shape and every colour by default) each method erases it from the shipped toy
 model; the ground-truth classifier judges images of every (shape, colour) pair from the base and the
-erased model (same seeds): UA, IRA, CRA, H, drift (toyworld/evaluate.py), the method's seconds (SurgUn:
-localization, image generation, training and calibration included) and its peak memory (the rise above
-the memory in use when it started). The base model's images are drawn once and shared. Also reported: how
+erased model (same seeds): UA, IRA, CRA, H, spread, drift (toyworld/evaluate.py), the method's cost in
+denoiser sample-forwards (the cost meter, meter.py: every forward the method makes, its own sampling and
+judging included; the unit methods are compared in), its seconds (SurgUn: localization, image generation,
+training and calibration included; compare seconds only within one run) and its peak memory (the rise
+above the memory in use when it started). The base model's images are drawn once and shared. Also reported: how
 often the diffusion classifier (the scorer real-checkpoint users get) agrees with the ground truth.
 """
 
@@ -30,7 +32,7 @@ from ..toyworld.world import COLOURS, EVAL_TEMPLATE, HELDOUT_TEMPLATES, SHAPES
 from .methods import MAIN_METHODS, METHODS, check_methods, method_signature, run_method
 
 log = logging.getLogger(__name__)
-KEYS = ("ua", "ira", "cra", "h", "drift", "seconds", "peak_mem_mb")
+KEYS = ("ua", "ira", "cra", "h", "spread", "drift", "forwards", "seconds", "peak_mem_mb")
 
 
 class PeakMemory:
@@ -148,16 +150,20 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
 
 def _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, progress, overrides) -> dict:
     """One method's erase of one concept, judged on the same rows as the base images `before`."""
+    metered = backend.meter.snapshot()  # the cost meter: every method's denoiser work, its own sampling included
     with PeakMemory(backend.device) as mem:
         run = run_method(m, backend, concept, quick=quick, progress=progress, overrides=overrides)
+    forwards = backend.meter.since(metered)
     try:
         after = generate_toy(backend, rows, sample_steps)
         agreement = _agreement(judges, after, clf) if m == "surgun" else None
     finally:
         run.undo()
-    metrics = {**erase_metrics(before, after, clf, concept), "seconds": run.seconds, "peak_mem_mb": mem.peak_mb}
+    metrics = {**erase_metrics(before, after, clf, concept), "forwards": sum(forwards.values()),
+               "seconds": run.seconds, "peak_mem_mb": mem.peak_mb}  # fmt: skip
     cal = run.calibration.to_dict() if run.calibration is not None else None
-    return {"metrics": metrics, "settings": run.settings, "calibration": cal, "agreement": agreement}
+    return {"metrics": metrics, "forwards_by_phase": forwards, "settings": run.settings, "calibration": cal,
+            "agreement": agreement}  # fmt: skip
 
 
 def _record_key(signature: dict, backend, rows, sample_steps: int) -> str:
@@ -190,10 +196,12 @@ def _agreement(judges: tuple[DiffusionScorer, DiffusionScorer], imgs, clf) -> tu
 
 
 def format_markdown(report: dict) -> str:
-    lines = ["| method | UA | IRA | CRA | H | drift | seconds | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | UA | IRA | CRA | H | spread | drift | forwards | seconds | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for m, r in report["methods"].items():
-        lines.append(f"| {m} | {r['ua']:.3f} | {r['ira']:.3f} | {r['cra']:.3f} | {r['h']:.3f} | {r['drift']:.3f} | "
-                     f"{r['seconds']:.0f} | {r['peak_mem_mb']:.0f} |")  # fmt: skip
+        cells = [f"{r[k]:.3f}" for k in ("ua", "ira", "cra", "h", "spread", "drift")]
+        cells += [f"{r['forwards']:,.0f}", f"{r['seconds']:.0f}", f"{r['peak_mem_mb']:.0f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += _per_concept_table(report)
     done = {m: len(r) for m, r in report["per_concept"].items()}
     if report.get("missing"):

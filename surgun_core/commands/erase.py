@@ -28,6 +28,13 @@ def settings_from(a) -> dict:
     return settings
 
 
+def erase_config(settings: dict, backend) -> EraseConfig:
+    """The model family's recipe, then the user's settings (from settings_from)."""
+    settings = dict(settings)
+    concepts, kind = settings.pop("concepts"), settings.pop("kind", "object")
+    return recipe_config(family_of(backend), concepts, kind, **settings)
+
+
 def run(a) -> int:
     settings = settings_from(a)
     EraseConfig.from_dict(settings)  # what the user set is checked before any work (the recipe fills the rest)
@@ -36,8 +43,7 @@ def run(a) -> int:
         raise ConfigError("out", f"{out.name!r}: the delta file must end in .safetensors")
     backend = load_diffusers_folder(a.model, device=settings.get("device", "auto"),
                                     precision=settings.get("precision", "float32"))  # fmt: skip
-    concepts, kind = settings.pop("concepts"), settings.pop("kind", "object")
-    cfg = recipe_config(family_of(backend), concepts, kind, **settings)
+    cfg = erase_config(settings, backend)
     with TqdmProgress() as bar:
         result = erase(backend, cfg, progress=bar)
     result.delta.save(out)

@@ -13,7 +13,7 @@ from ..io import write_json
 from ..toyworld import TOY_GUIDANCE, load_toy_backend, load_toy_classifier
 from ..toyworld import evaluate as ev
 from ..toyworld.classifier import save_classifier, train_classifier
-from ..toyworld.model import CLASSIFIER_FILE, MODEL_DIR
+from ..toyworld.paths import CLASSIFIER_FILE, MODEL_DIR
 from ..toyworld.train import train_toy_model
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from ..backends.base import Backend, cond_select
 from ..concepts import templates_for
 from ..errors import ConfigError
 from ..registry import SCORER_NAMES
-from ..toyworld import load_toy_classifier
+from ..toyworld.classifier import load_classifier
+from ..toyworld.paths import CLASSIFIER_FILE
 from ..toyworld.world import COLOURS, SHAPES
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class ToyScorer(Scorer):
 
     def __init__(self, backend: Backend, classifier=None) -> None:
         self.backend = backend
-        self.clf = classifier or load_toy_classifier()
+        self.clf = classifier or load_classifier(CLASSIFIER_FILE)
 
     def predict(self, x0: torch.Tensor, labels: list[str]) -> list[str]:
         images = torch.cat([self.backend.decode(x0[i : i + 64].to(self.backend.device)).float().cpu()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..backends.diffusers import load_diffusers_folder
 from ..errors import SurgUnError
 from .classifier import load_classifier
-from .model import CLASSIFIER_FILE, MODEL_DIR
+from .paths import CLASSIFIER_FILE, MODEL_DIR, TOY_GUIDANCE
 
 
 def load_toy_backend(device: str = "cpu", precision: str = "float32"):
@@ -19,6 +19,3 @@ def load_toy_backend(device: str = "cpu", precision: str = "float32"):
 
 def load_toy_classifier():
     return load_classifier(CLASSIFIER_FILE)
-
-
-TOY_GUIDANCE = 4.0

@@ -14,14 +14,11 @@ from pathlib import Path
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .paths import ARCHITECTURE
 from .tokenizer import MAX_LENGTH, build_tokenizer_files
 from .world import IMAGE_SIZE, vocabulary
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-MODEL_DIR = WEIGHTS_DIR / "model"
-CLASSIFIER_FILE = WEIGHTS_DIR / "classifier.safetensors"
 TEXT_DIM = 64
-ARCHITECTURE = "surgun-toyworld-v1"
 
 UNET_CONFIG = dict(
     sample_size=IMAGE_SIZE,

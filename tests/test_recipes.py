@@ -1,0 +1,82 @@
+"""One recipe per model family: every front end starts from it (surgun_core/recipes.py)."""
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from surgun_core.cli import build_parser
+from surgun_core.commands.erase import erase_config, settings_from
+from surgun_core.errors import ConfigError
+from surgun_core.recipes import RECIPES, family_of, get_recipe, recipe_config
+from surgun_core.testing import tiny_backend
+from surgun_core.toyworld.paths import MODEL_DIR
+from surgun_ui.hosts import StandaloneHost
+from surgun_ui.session import EraseRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def parsing():
+    """nodes/parsing.py as ComfyUI loads it: through the repository root as a package."""
+    name = "surgun_pack_recipes"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    yield importlib.import_module(name + ".nodes.parsing")
+    for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[m]
+
+
+def _settings(cfg) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k != "extra"}  # extra: which front end, nothing else
+
+
+def test_three_front_ends_one_recipe(toy_backend, parsing):
+    """The same concept and model from `surgun erase` without options, the tab's balanced preset and the
+    ComfyUI Train node's defaults (every numeric widget at 0, "the recipe's"): the same EraseConfig."""
+    args = build_parser().parse_args(
+        ["erase", "--model", str(MODEL_DIR), "--concept", "circle", "--out", "x.safetensors"]
+    )
+    cli = erase_config(settings_from(args), toy_backend)
+    tab = EraseRequest(concepts="circle", kind="object", preset="balanced").to_config(StandaloneHost())
+    r = parsing.recipe_value
+    node = parsing.build_config("circle", "", "", family=family_of(toy_backend), kind="object", steps=r(0), lr=r(0.0),
+                                rank=r(0), alpha=None, blocks=parsing.resolve_blocks("auto", ""), calibrate=True,
+                                guidance=r(0.0), seed=0, extra={"front_end": "comfyui"})  # fmt: skip
+    assert cli.recipe == tab.recipe == node.recipe == "toy"
+    assert _settings(cli) == _settings(tab) == _settings(node)
+    assert (cli.steps, cli.lr, cli.guidance) == (200, 6e-3, 4.0)  # the toy recipe, not EraseConfig's defaults
+
+
+def test_user_settings_override_only_what_was_set():
+    cfg = recipe_config("toy", ["circle"], "object", steps=7, lr=None)
+    assert cfg.steps == 7 and cfg.lr == RECIPES["toy"].settings["lr"]
+    assert cfg.distractors == ["square", "triangle", "cross", "ring"]
+
+
+@pytest.mark.parametrize(("kind", "family"), [("sd1", "sd1"), ("sdxl", "sdxl"), ("sana", "flow")])
+def test_family_of_tiny_models(kind, family):
+    assert family_of(tiny_backend(kind)) == family
+
+
+def test_family_of_the_toy_model(toy_backend):
+    assert family_of(toy_backend) == "toy"
+
+
+def test_unknown_recipe_and_kind_are_refused():
+    with pytest.raises(ConfigError) as e:
+        get_recipe("sd4")
+    assert e.value.field == "recipe" and "sd1" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        recipe_config("toy", ["circle"], "animal")
+    assert e.value.field == "kind"
+
+
+def test_the_recipe_is_named_in_the_config():
+    assert recipe_config("sdxl", ["dog"]).recipe == "sdxl"
+    assert recipe_config("sdxl", ["dog"]).sample_batch_size == 4

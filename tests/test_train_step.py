@@ -1,0 +1,51 @@
+"""The two-part backward of one training step equals autograd's gradient of the one-expression loss."""
+
+import torch
+
+from surgun_core.backends.base import cond_cat
+from surgun_core.config import EraseConfig
+from surgun_core.engine.train import StepBatch, surgun_backward, surgun_loss
+from surgun_core.lora import LoRASet
+from surgun_core.testing import tiny_backend
+
+
+def _batch(backend, g, B=2):
+    shape = (B, *backend.latent_shape())
+    x = lambda: torch.randn(shape, generator=g)  # noqa: E731
+    c = backend.encode(["a photo of a cat"] * B)
+    return StepBatch(x(), c, backend.objective.sample_t(B, g), x(), x(), x(), x(), backend.encode(["a dog"] * B), x())
+
+
+def test_two_part_backward_equals_one_expression():
+    backend = tiny_backend("sd1")
+    cfg = EraseConfig(concepts=["cat"], w_retain=3.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lset = LoRASet(backend.lora_targets(r"attn2\.(to_k|to_v)$"), rank=2, alpha=2.0).attach()
+    for p in lset.parameters():  # a LoRA that is not zero, so every term has a gradient
+        torch.nn.init.normal_(p, std=0.05)
+    b = _batch(backend, g)
+    params = list(lset.parameters())
+
+    L, *_ = surgun_backward(backend, cfg, lset, b)  # the loop's step: two backward passes
+    two_part = [p.grad.clone() for p in params]
+
+    for p in params:
+        p.grad = None
+    per = backend.loss(torch.cat([b.x_T, b.x_D]), cond_cat([b.c_T, b.c_T]), torch.cat([b.noise_T, b.noise_D]),
+                       torch.cat([b.t, b.t]))  # fmt: skip
+    L_T, L_D = per[:2].mean(), per[2:].mean()
+    obj = backend.objective
+    x_t = obj.noisy(b.x_R, b.noise_R, b.t)
+    tm = obj.model_time(b.t)
+    with torch.no_grad(), lset.disabled():
+        ref = backend.predict(x_t, tm, b.c_R).float()
+    L_R = ((backend.predict(x_t, tm, b.c_R).float() - ref) ** 2).mean()
+    L_one, _ = surgun_loss(cfg, L_T, L_D, L_R)  # DESIGN.md section 1 as one expression
+    L_one.backward()
+    assert torch.allclose(L, L_one.detach(), rtol=1e-5, atol=1e-7)
+    for a, p in zip(two_part, params):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7), (a - p.grad).abs().max()
+    assert any(a.abs().sum() > 0 for a in two_part)
+    lset.detach()
