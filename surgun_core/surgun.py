@@ -20,7 +20,7 @@ from .config import EraseConfig
 from .engine.calibrate import CalibrationResult, calibrate
 from .engine.localize import LocalizeResult, localize
 from .engine.train import Cancel, Progress, train_delta
-from .judges.probe import judge_templates, probe_set
+from .judges.probe import judge_templates, probe_set, reference_scores
 from .judges.scorers import Scorer, make_scorer
 from .lora import LoraDelta, LoRASet
 from .meter import peak_memory_mb, total
@@ -73,7 +73,12 @@ def erase(
     probe = probe_set(cfg)
     if scorer is None and (auto or cfg.calibrate):
         scorer = make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
-    loc = localize(backend, cfg, scorer, probe, progress=progress, cancel=cancel, cache=cache) if auto else None
+    # the base model's scores on the probe set: "retain fell" is judged against them (before any LoRA is on)
+    reference = reference_scores(backend, scorer, cfg.probe_steps, cfg.guidance) if scorer is not None else None
+    base = reference(probe) if reference is not None else None
+    loc = None
+    if auto:
+        loc = localize(backend, cfg, scorer, probe, progress=progress, cancel=cancel, cache=cache, reference=reference)
     pattern = loc.pattern if loc else cfg.block_pattern
     trained = train_delta(backend, cfg, pattern, progress, cancel, cache, cfg.checkpoint_interval)
     result = EraseResult(trained.lora, history=trained.history, checkpoints=trained.checkpoints,
@@ -82,7 +87,7 @@ def erase(
         try:
             result.calibration = calibrate(backend, result.lora, result.checkpoints, scorer, probe,
                                            cfg.erase_threshold, cfg.probe_steps, cfg.guidance, progress,
-                                           cancel, cfg.retain_tolerance)  # fmt: skip
+                                           cancel, cfg.retain_tolerance, base)  # fmt: skip
         except BaseException:
             result.lora.detach()  # cancelled or failed: the model is left as it was
             raise

@@ -16,6 +16,7 @@ import gradio as gr
 
 from surgun_core.concepts import KINDS
 from surgun_core.errors import Cancelled, SurgUnError
+from surgun_core.registry import ATTACK_NAMES
 
 from .presets import PRESETS
 from .session import EraseOutcome, EraseRequest, EraseSession, Host
@@ -27,6 +28,11 @@ PHASES = {"before": "before images", "images": "training images", "localize": "l
 INTRO = ("Erase a concept (an object, a style) from **{model}**. Training pushes the concept's images apart "
          "from its prompt while other concepts under the same prompt stay put; the LoRA it saves undoes the "
          "concept wherever it is loaded.")  # fmt: skip
+
+
+AUDIT_INTRO = ("Each attack tries to make the erased model draw the concept again: a learned word (concept "
+               "inversion), a learned prompt prefix, the concept's direction added to other prompts, and new "
+               "phrasings. The same attack on the base model is the control. Takes minutes.")  # fmt: skip
 
 
 def _on(listener, fn, inputs, outputs, **kwargs):
@@ -94,6 +100,20 @@ def build_ui(host: Host, session: EraseSession | None = None) -> gr.Blocks:
                 probe_before = gr.Image(label="before", type="pil", interactive=False, elem_id="surgun_probe_before")
                 probe_after = gr.Image(label="after", type="pil", interactive=False, elem_id="surgun_probe_after")
             probe_scores = gr.JSON(label="What the judge sees", elem_id="surgun_probe_scores")
+        with gr.Accordion("Audit: try to bring the concept back (attacks from the literature)", open=False):
+            gr.Markdown(AUDIT_INTRO)
+            with gr.Row():
+                audit_lora = gr.Textbox(label="LoRA file (empty: the latest erase)", elem_id="surgun_audit_lora",
+                                        scale=3)  # fmt: skip
+                audit_attacks = gr.CheckboxGroup(list(ATTACK_NAMES), value=list(ATTACK_NAMES), label="Attacks",
+                                                 elem_id="surgun_audit_attacks")  # fmt: skip
+                audit_seed = gr.Number(value=0, precision=0, label="Seed")
+            audit_btn = gr.Button("Audit", elem_id="surgun_audit")
+            audit_status = gr.Markdown("", elem_id="surgun_audit_status")
+            audit_grid = gr.Image(label="Attacked images: base model (left) | erased model (right)", type="pil",
+                                  interactive=False, elem_id="surgun_audit_grid")  # fmt: skip
+            audit_report = gr.JSON(label="Audit report (recovery: share of attacked images judged as the concept)",
+                                   elem_id="surgun_audit_report")  # fmt: skip
 
         form = [concepts, distractors, kind, preset, steps, lr, rank, blocks, calibrate, guidance, seed, lora_name]
         outputs = [status, gallery, scores, curve, lora_path, snippet]
@@ -101,6 +121,8 @@ def build_ui(host: Host, session: EraseSession | None = None) -> gr.Blocks:
         _on(stop.click, lambda: session.stop(), None, None, queue=False, api_name="stop")
         _on(probe_btn.click, probe_handler(session), [probe_prompt, probe_seed, strength, probe_lora],
             [probe_before, probe_after, probe_scores], api_name="probe")  # fmt: skip
+        _on(audit_btn.click, audit_handler(session), [audit_lora, audit_attacks, audit_seed],
+            [audit_status, audit_grid, audit_report], api_name="audit")  # fmt: skip
     return ui
 
 
@@ -175,6 +197,48 @@ def probe_handler(session: EraseSession):
         except SurgUnError as e:
             raise gr.Error(str(e)) from None
         return out["before"], out["after"], out["scores"]
+
+    return run
+
+
+def audit_handler(session: EraseSession):
+    """The Audit button: a generator that streams the attack being run, then the grid and the report."""
+
+    def run(lora_file, attacks, seed):
+        state = {"phase": "audit", "done": 0, "total": 0, "attack": ""}
+        box: dict = {}
+
+        def progress(phase, done, total, stats):
+            state.update(phase=phase, done=done, total=total, attack=stats.get("attack", state["attack"]))
+
+        def work():
+            try:
+                box["out"] = session.audit((lora_file or "").strip() or None, list(attacks or []) or None,
+                                           int(seed or 0), progress)  # fmt: skip
+            except BaseException as e:
+                box["error"] = e
+
+        worker = threading.Thread(target=work, name="surgun-audit", daemon=True)
+        started = time.time()
+        yield "**starting the audit**", None, None  # at once: gradio 3 serves each step as an HTTP call
+        worker.start()
+        while worker.is_alive():
+            worker.join(1.0)
+            yield (f"**attack {state['attack'] or '...'}** ({state['done']}/{state['total']}), "
+                   f"{time.time() - started:.0f} s"), None, None  # fmt: skip
+        err = box.get("error")
+        if isinstance(err, Cancelled):
+            yield f"**Stopped**: {err}.", None, None
+            return
+        if isinstance(err, SurgUnError):
+            raise gr.Error(str(err))
+        if err is not None:
+            log.exception("audit failed", exc_info=err)
+            raise gr.Error(f"{type(err).__name__}: {err}")
+        out = box["out"]
+        rep = out["report"]
+        yield (f"**Done** in {time.time() - started:.0f} s: worst attack {rep['worst_attack']} brings back "
+               f"{rep['max_recovery']:.0%} of the concept."), out["grid"], rep  # fmt: skip
 
     return run
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from surgun_core.audit import delta_concept, run_audit
 from surgun_core.backends.base import Backend
 from surgun_core.charts import plot_curve
 from surgun_core.config import EraseConfig, parse_list
@@ -27,6 +28,7 @@ from surgun_core.judges.probe import judge_templates, probe_set, score_probe
 from surgun_core.judges.scorers import make_scorer
 from surgun_core.lora import LoraDelta
 from surgun_core.recipes import family_of, recipe_settings
+from surgun_core.registry import ATTACK_NAMES
 from surgun_core.surgun import Progress, erase
 
 from .presets import preset_settings
@@ -212,14 +214,7 @@ class EraseSession:
     def _probe(self, prompt: str, seed: int, strength: float, lora_path: str | None) -> dict:
         backend = self.host.backend()
         modules = backend.attention_linears()
-        if lora_path:
-            if not Path(lora_path).is_file():
-                raise ConfigError("lora", f"no file at {lora_path!r}; pick a .safetensors LoRA from the LoRA folder")
-            delta, cfg = LoraDelta.load(lora_path, list(modules)), None
-        elif self.last is not None:
-            delta, cfg = self.last
-        else:
-            raise ConfigError("lora", "nothing erased yet in this session: press Train first, or give a LoRA file")
+        delta, cfg = self._delta(backend, lora_path)
         steps = cfg.sample_steps if cfg else 20
         x_before = backend.sample([prompt], [seed], steps)
         lset = delta.to_lora_set(modules, strength).attach()
@@ -231,6 +226,42 @@ class EraseSession:
         before, after = (backend.decode(x.to(backend.device)).float().cpu()[0] for x in (x_before, x_after))
         return {"prompt": prompt, "seed": seed, "strength": strength, "before": to_pil(before),
                 "after": to_pil(after), "scores": verdict}  # fmt: skip
+
+    def audit(
+        self,
+        lora_path: str | None = None,
+        attacks: list[str] | None = None,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> dict:
+        """Attack the latest erase (or a LoRA file) and the base model: how much of the concept comes back.
+
+        Returns {"grid": PIL image, "report": the audit JSON, "recovery": the worst attack's share}."""
+        with self._one_job():
+            self._stop.clear()
+            with self.host.job():
+                return self._audit(lora_path, attacks, int(seed), progress)
+
+    def _audit(self, lora_path: str | None, attacks: list[str] | None, seed: int, progress) -> dict:
+        backend = self.host.backend()
+        delta, cfg = self._delta(backend, lora_path)
+        concept, kind = delta_concept(delta, cfg.concepts[0] if cfg else None, cfg.kind if cfg else None)
+        with getattr(backend, "training", contextlib.nullcontext)():  # the attacks learn tokens: grads on
+            report = run_audit(backend, delta, concept, kind, attacks=attacks or ATTACK_NAMES, seed=seed,
+                               progress=progress, cancel=self.cancelled)  # fmt: skip
+        data = report.to_dict(prompts=False)
+        log.info("audit of %s: %s", concept, report.recovery)
+        return {"grid": report.grid(), "report": data, "recovery": data["max_recovery"]}
+
+    def _delta(self, backend: Backend, lora_path: str | None) -> tuple[LoraDelta, EraseConfig | None]:
+        """The LoRA file given, else the latest erase of this session."""
+        if lora_path:
+            if not Path(lora_path).is_file():
+                raise ConfigError("lora", f"no file at {lora_path!r}; pick a .safetensors LoRA from the LoRA folder")
+            return LoraDelta.load(lora_path, list(backend.attention_linears())), None
+        if self.last is None:
+            raise ConfigError("lora", "nothing erased yet in this session: press Train first, or give a LoRA file")
+        return self.last
 
     def _verdict(self, backend: Backend, cfg: EraseConfig, lset, x0: torch.Tensor) -> dict:
         """What the judge (the base model, LoRA off) sees in each image, over the erased and retained labels."""

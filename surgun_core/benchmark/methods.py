@@ -46,7 +46,9 @@ ABLATIONS: dict[str, dict] = {
     "surgun-no-localization": {"blocks": "cross-attn-kv"},
     "surgun-no-calibration": {"calibrate": False},
 }
-METHODS = [*ABLATIONS, *BASELINES]
+# each baseline at the best setting of its recorded sweep (sweep.py), beside the paper's setting
+TUNED = {f"{b}-tuned": b for b in ("esd-x", "esd-u", "ca")}
+METHODS = [*ABLATIONS, *BASELINES, *TUNED]
 MAIN_METHODS = ["surgun", *BASELINES]
 # the code each family of methods runs (its source is part of method_signature)
 _SURGUN_CODE = (surgun, train, localize, calibrate, probe, scorers, data, lora, objectives, sampling, recipes, meter)
@@ -67,12 +69,13 @@ class _Plan:
     name: str
     cfg: object | None = None
     baseline: dict | None = None
+    base: str | None = None  # the baseline a tuned method runs
 
     def signature(self) -> dict:
         if self.cfg is not None:
             code, what = _SURGUN_CODE, {"erase_config": self.cfg.to_dict()}
         else:
-            fn = BASELINES[self.name]
+            fn = BASELINES[self.base or self.name]
             mod = sys.modules[fn.__module__]
             code, what = (mod, *_BASELINE_CODE), {"arguments": self.baseline, "defaults": getattr(mod, "DEFAULTS", {})}
         return {"method": self.name, **what, "code": _code_digest(code)}
@@ -87,6 +90,15 @@ def _code_digest(modules: tuple) -> str:
 def _plan(name: str, concept: str, quick: bool, seed: int, overrides: dict | None) -> _Plan:
     overrides = dict(overrides or {})
     b_its, b_lr = overrides.pop("baseline_iterations", None), overrides.pop("baseline_lr", None)
+    tuned = overrides.pop("tuned", {})
+    if name in TUNED:  # the paper's baseline at its sweep's best learning rate and iterations
+        best = tuned.get(TUNED[name])
+        if best is None:
+            raise ConfigError("methods", f"{name} runs {TUNED[name]} at the best setting of its sweep, and there is "
+                              "none yet: run `surgun bench --sweep --out DIR` first (same --out)")  # fmt: skip
+        plan = _plan(TUNED[name], concept, quick, seed, {"baseline_iterations": best["iterations"],
+                                                           "baseline_lr": best["lr"]})  # fmt: skip
+        return _Plan(name, baseline=plan.baseline, base=TUNED[name])
     b_opts = overrides.pop("baseline_options", {}).get(name, {})
     kind = concept_kind(concept)
     pool = SHAPES if kind == "object" else COLOURS
@@ -129,5 +141,5 @@ def run_method(name: str, backend, concept: str, *, quick: bool = False, seed: i
         settings = {"steps": cfg.steps, "lr": cfg.lr, "blocks": res.delta.metadata["surgun.blocks"],
                     "step_chosen": int(res.delta.metadata["surgun.step_chosen"])}  # fmt: skip
         return MethodRun(res.seconds, res.lora.detach, settings, res.calibration)
-    res = run_baseline(name, backend, concept, progress=progress, **plan.baseline)
+    res = run_baseline(plan.base or name, backend, concept, progress=progress, **plan.baseline)
     return MethodRun(res.seconds, res.restore, dict(res.settings))

@@ -29,7 +29,8 @@ from ..judges.scorers import DiffusionScorer
 from ..toyworld import load_toy_backend, load_toy_classifier
 from ..toyworld.evaluate import concept_kind, erase_metrics, generate_toy, toy_prompts
 from ..toyworld.world import COLOURS, EVAL_TEMPLATE, HELDOUT_TEMPLATES, SHAPES
-from .methods import MAIN_METHODS, METHODS, check_methods, method_signature, run_method
+from .methods import MAIN_METHODS, METHODS, TUNED, check_methods, method_signature, run_method
+from .tuned import best_settings
 
 log = logging.getLogger(__name__)
 KEYS = ("ua", "ira", "cra", "h", "spread", "drift", "forwards", "seconds", "peak_mem_mb")
@@ -89,9 +90,13 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
     concepts = concepts or (["circle"] if quick else [*SHAPES, *COLOURS])
     for c in concepts:
         concept_kind(c)  # a concept the toy world does not know is refused with the known list
-    methods = check_methods(methods or (MAIN_METHODS if quick else METHODS))
-    seeds = seeds_per_pair or (1 if quick else 2)
     out = Path(out_dir)
+    tuned = best_settings(out)  # the baselines' sweep in this folder, if it ran (sweep.py)
+    default = MAIN_METHODS if quick else [m for m in METHODS if m not in TUNED or TUNED[m] in tuned]
+    methods = check_methods(methods or default)
+    seeds = seeds_per_pair or (1 if quick else 2)
+    if any(m in TUNED for m in methods):  # the tuned baselines run their sweep's best settings
+        overrides = {**(overrides or {}), "tuned": tuned}
     backend, clf = load_toy_backend(), load_toy_classifier()
     rows = toy_prompts(seeds, (EVAL_TEMPLATE, HELDOUT_TEMPLATES[0]))
     t0 = time.time()

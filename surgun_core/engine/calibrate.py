@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..backends.base import Backend
 from ..errors import Cancelled
-from ..judges.probe import ProbeSet, score_probe
+from ..judges.probe import ProbeScores, ProbeSet, score_probe
 from ..judges.scorers import Scorer
 from ..lora import LoRASet
 
@@ -66,25 +66,44 @@ def choose_step(curve: list[dict], threshold: float, tolerance: float = 0.0) -> 
 
 def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict]], scorer: Scorer,
               probe: ProbeSet, threshold: float = 0.9, steps: int = 20, guidance: float | None = None,
-              progress=None, cancel=None, tolerance: float = 0.0) -> CalibrationResult:  # fmt: skip
-    """Score each (step, LoRA state) on the probe set; leave `lora` holding the chosen checkpoint.
+              progress=None, cancel=None, tolerance: float = 0.0,
+              reference: ProbeScores | None = None) -> CalibrationResult:  # fmt: skip
+    """Score the checkpoints on the probe set; leave `lora` holding the chosen one.
+
+    With the base model's own scores on the probe set (`reference`), the last checkpoint is scored first and
+    ships when it reaches the erase threshold with retain within `tolerance` of the base model's: the judge
+    sees no retain fall, and the other checkpoints are not scored. Otherwise every checkpoint is scored and
+    choose_step decides.
 
     Args:
         lora: the attached LoRASet the checkpoints were taken from.
         checkpoints: (step, LoRASet.snapshot()) in step order.
     """
     progress = progress or (lambda *a: None)
-    curve = []
+    rows: dict[int, dict] = {}
     progress("calibrate", 0, len(checkpoints), {})
-    for i, (step, state) in enumerate(checkpoints):
+
+    def score(step: int, state: dict) -> dict:
         if cancel is not None and cancel():
             raise Cancelled("erase cancelled by the user during calibration; nothing was written")
         lora.restore(state)
         with backend.meter.phase("calibration"):
             sc = score_probe(backend, scorer, probe, steps, guidance, judge=lora.disabled)
-        curve.append({"step": step, "erase": sc.erase, "retain": sc.retain, "h": sc.h})
+        rows[step] = {"step": step, "erase": sc.erase, "retain": sc.retain, "h": sc.h}
         log.info("calibration: step %5d  erase %.2f  retain %.2f", step, sc.erase, sc.retain)
-        progress("calibrate", i + 1, len(checkpoints), {"erase": sc.erase, "retain": sc.retain})
+        progress("calibrate", len(rows), len(checkpoints), {"erase": sc.erase, "retain": sc.retain})
+        return rows[step]
+
+    last_step, last_state = checkpoints[-1]
+    last = score(last_step, last_state)
+    if reference is not None and last["erase"] >= threshold and last["retain"] >= reference.retain - tolerance - 1e-9:
+        why = (f"the last step: erase {last['erase']:.2f} >= {threshold:g} and retain {last['retain']:.2f} within "
+               f"{tolerance:g} of the base model's ({reference.retain:.2f}); earlier steps not scored")  # fmt: skip
+        progress("calibrate", len(checkpoints), len(checkpoints), {})
+        return CalibrationResult(last_step, threshold, why, [last])
+    for step, state in checkpoints[:-1]:
+        score(step, state)
+    curve = [rows[step] for step, _ in checkpoints]
     chosen, why = choose_step(curve, threshold, tolerance)
     lora.restore(dict(checkpoints)[chosen])
     return CalibrationResult(chosen, threshold, why, curve)

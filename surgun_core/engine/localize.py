@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ..cache import ImageCache, default_cache_dir
 from ..config import EraseConfig
 from ..errors import ConfigError
 from ..io import write_json
-from ..judges.probe import ProbeSet, judge_templates, probe_set, score_probe
+from ..judges.probe import ProbeScores, ProbeSet, judge_templates, probe_set, score_probe
 from ..judges.scorers import Scorer, make_scorer
 from ..registry import ATTENTION_KINDS
 from .train import train_delta
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 _UNET_LEVEL = re.compile(r"^(down_blocks|up_blocks|input_blocks|output_blocks)\.(\d+)\.|^(mid_block|middle_block)\.")
 _DIT_BLOCK = re.compile(r"^(transformer_blocks|double_blocks|single_blocks|joint_blocks)\.(\d+)\.")
 ALL_CROSS = "cross all levels"
+Reference = Callable[[ProbeSet], ProbeScores]  # the base model's scores on a probe set
 _SIDE = {"down_blocks": "down", "input_blocks": "down", "up_blocks": "up", "output_blocks": "up"}
 
 
@@ -54,6 +56,7 @@ class LocalizeResult:
     groups: list[dict] = field(default_factory=list)  # every group: name, layers, erase, retain, h (ranked)
     seconds: float = 0.0
     cached: bool = False
+    reason: str = ""  # why these groups
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,8 +124,14 @@ def choose_groups(rows: list[dict], threshold: float, keep: int) -> list[str]:
 
 
 def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet, *, progress=None, cancel=None,
-             cache: ImageCache | None = None, cache_dir: Path | None = None) -> LocalizeResult:  # fmt: skip
-    """Rank the candidate groups by short runs; return the chosen ones.
+             cache: ImageCache | None = None, cache_dir: Path | None = None,
+             reference: Reference | None = None) -> LocalizeResult:  # fmt: skip
+    """Short runs on the candidate groups; return the chosen ones.
+
+    With cfg.localize_first_fit and `reference` (the base model's scores on a probe set: a callable
+    probe -> ProbeScores), groups run widest first and the first that reaches the erase threshold with retain
+    within cfg.retain_tolerance of the base model's is chosen; the rest are not run. Otherwise (or when none
+    fits) every group runs and choose_groups keeps the best cfg.localize_keep.
 
     Cached in memory, and on disk next to the image cache's folder (`cache`, default SURGUN_CACHE) unless
     `cache_dir` names another; an ImageCache without a folder keeps it off disk.
@@ -139,19 +148,31 @@ def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet
         return hit
     short = _short_config(cfg)
     progress("localize", 0, len(groups), {})
+    bar = None
+    if cfg.localize_first_fit and reference is not None:
+        groups = sorted(groups, key=lambda g: -len(g.modules))  # widest first: the all-levels K/V set
+        bar = reference(probe).retain - cfg.retain_tolerance
     with backend.meter.phase("localization"):
-        rows = _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache)
-    chosen = choose_groups(rows, cfg.erase_threshold, cfg.localize_keep)
+        rows = _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache, bar)
+    fit = [r for r in rows if bar is not None and r["erase"] >= cfg.erase_threshold and r["retain"] >= bar - 1e-9]
+    if fit:
+        chosen = [fit[0]["name"]]
+        why = (f"first fit, widest first: erase >= {cfg.erase_threshold:g} with retain within "
+               f"{cfg.retain_tolerance:g} of the base model's; {len(groups) - len(rows)} group(s) not run")  # fmt: skip
+    else:
+        chosen = choose_groups(rows, cfg.erase_threshold, cfg.localize_keep)
+        why = f"best {cfg.localize_keep} of {len(rows)}: erase >= {cfg.erase_threshold:g}, then best retain"
     by_name = {g.name: g for g in groups}
     modules = list(dict.fromkeys(m for name in chosen for m in by_name[name].modules))  # groups may overlap
     ranked = sorted(rows, key=lambda r: chosen.index(r["name"]) if r["name"] in chosen else len(chosen) + 1)
-    result = LocalizeResult(chosen, BlockGroup("chosen", modules).pattern, ranked, time.time() - t0)
+    result = LocalizeResult(chosen, BlockGroup("chosen", modules).pattern, ranked, time.time() - t0, reason=why)
     _store(folder, key, result)
     return result
 
 
-def _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache) -> list[dict]:
-    """A short SurgUn run per group, its probe images scored: one row (name, layers, erase, retain, h) each."""
+def _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache, bar=None) -> list[dict]:
+    """A short SurgUn run per group, its probe images scored: one row (name, layers, erase, retain, h) each.
+    With a retain `bar`, it stops after the first group that erases with retain >= bar."""
     rows = []
     for i, grp in enumerate(groups):
         res = train_delta(backend, short, grp.pattern, cancel=cancel, cache=cache)
@@ -163,6 +184,9 @@ def _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache) -
                      "h": sc.h})  # fmt: skip
         log.info("localization: %-22s erase %.2f retain %.2f", grp.name, sc.erase, sc.retain)
         progress("localize", i + 1, len(groups), {"erase": sc.erase, "retain": sc.retain})
+        if bar is not None and sc.erase >= cfg.erase_threshold and sc.retain >= bar - 1e-9:
+            progress("localize", len(groups), len(groups), {})
+            break
     return rows
 
 

@@ -9,6 +9,7 @@ retained-prompt images judged as theirs.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,3 +94,23 @@ def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 
     erase = sum(per[c] for c in probe.erased) / len(probe.erased)
     retain = sum(per[c] for c in probe.retained) / len(probe.retained) if probe.retained else 1.0
     return ProbeScores(erase, retain, per, x0)
+
+
+def reference_scores(backend: Backend, scorer: Scorer, steps: int = 20,
+                     guidance: float | None = None) -> Callable[[ProbeSet], ProbeScores]:  # fmt: skip
+    """The base model's own scores on a probe set, computed once per probe set (cost meter phase "reference").
+
+    What "retain fell" is measured against: the judge misreads some base images too, so an erased model is
+    held to the base model's retain score, not to 1.0. Call it the first time while no LoRA is attached (or
+    with the LoRA disabled): it scores the model as it is.
+    """
+    memo: dict[str, ProbeScores] = {}
+
+    def reference(probe: ProbeSet) -> ProbeScores:
+        key = json.dumps(probe.rows())
+        if key not in memo:
+            with backend.meter.phase("reference"):
+                memo[key] = score_probe(backend, scorer, probe, steps, guidance)
+        return memo[key]
+
+    return reference
