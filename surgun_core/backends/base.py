@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SurgUnError
 from ..meter import CostMeter
 from ..objectives import FlowObjective, Objective
 from ..registry import BLOCK_PRESETS
@@ -103,8 +103,12 @@ class Backend(ABC):
         guidance: float | None = None,
         batch_size: int = 64,
         on_batch: Callable[[int, int], None] | None = None,
+        cond: Cond | None = None,
     ) -> torch.Tensor:
-        """x0 (latents, or pixels in [-1, 1]) for each (prompt, seed); deterministic per seed."""
+        """x0 (latents, or pixels in [-1, 1]) for each (prompt, seed); deterministic per seed.
+
+        `cond`: the prompts' conditioning already made (one row per prompt), e.g. with learned tokens (attacks/).
+        """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         g = self.default_guidance if guidance is None else guidance
@@ -112,14 +116,14 @@ class Backend(ABC):
         uncond_one = self.encode([""])
         for i in range(0, len(prompts), batch_size):
             p, s = prompts[i : i + batch_size], list(seeds[i : i + batch_size])
-            cond = self.encode(p)
+            c = self.encode(p) if cond is None else cond_select(cond, range(i, i + len(p)))
             uncond = cond_select(uncond_one, [0] * len(p))
             noise = seeded_noise(s, self.latent_shape(), self.device, self.dtype)
             if isinstance(self.objective, FlowObjective):
-                x = flow_sample(self.predict, cond, uncond, noise, steps, g, self.objective.shift,
+                x = flow_sample(self.predict, c, uncond, noise, steps, g, self.objective.shift,
                                 self.objective.num_train_timesteps)  # fmt: skip
             else:
-                x = ddim_sample(self.predict, cond, uncond, noise, self.objective.alphas_cumprod,
+                x = ddim_sample(self.predict, c, uncond, noise, self.objective.alphas_cumprod,
                                 self.objective.prediction_type, steps, g,
                                 clip=1.0 if self.pixel_space else None)  # fmt: skip
             out.append(x.float().cpu())
@@ -177,12 +181,32 @@ class Backend(ABC):
 
     def fingerprint(self) -> str:
         """Short hash of the denoiser's architecture and a sample of its weights (identifies the base)."""
-        h = hashlib.sha256(self.architecture.encode())
-        for name, t in sorted(self.denoiser.state_dict().items()):
-            h.update(f"{name}:{tuple(t.shape)}".encode())
-        for _, t in list(sorted(self.denoiser.state_dict().items()))[:: max(1, len(self.denoiser.state_dict()) // 16)]:
-            h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return fingerprint_of(self.architecture, self.denoiser.state_dict())
+
+    # ---- learned tokens (attacks/, robust mode) ----------------------------------------------------------
+
+    def encode_with_tokens(self, prompts: list[str], tokens: dict[str, torch.Tensor]) -> Cond:
+        """encode(), where each placeholder word (a key of `tokens`, e.g. "<concept>") in a prompt stands for
+        its input embeddings (k, d) (k tokens; d as word_embedding gives), gradients flowing to them. Attacks
+        learn such tokens against the erased model (concept inversion, prefix attacks)."""
+        raise SurgUnError(f"the {type(self).__name__} backend cannot encode prompts with learned tokens yet; "
+                          "run attacks and robust mode on a diffusers model folder")  # fmt: skip
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        """The text encoder's input embeddings (n, d) of the n tokens of `word` (a learned token's start)."""
+        raise SurgUnError(f"the {type(self).__name__} backend cannot give word embeddings yet; "
+                          "run attacks and robust mode on a diffusers model folder")  # fmt: skip
+
+
+def fingerprint_of(architecture: str, state: dict[str, torch.Tensor]) -> str:
+    """Backend.fingerprint from an architecture name and the denoiser's state dict (in its own key names), so a
+    model can be identified without building it (e.g. straight from a single-file checkpoint)."""
+    h = hashlib.sha256(architecture.encode())
+    for name, t in sorted(state.items()):
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+    for _, t in list(sorted(state.items()))[:: max(1, len(state) // 16)]:
+        h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _metered(predict: Callable) -> Callable:
@@ -205,12 +229,27 @@ def _metered(predict: Callable) -> Callable:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto`: cuda if available, else cpu. A named device must exist on this machine (checked here, before
+    any model is loaded, instead of torch's AssertionError at the first tensor moved there)."""
+    if not isinstance(device, str):
+        raise ConfigError("device", f"must be a device name (auto, cpu, cuda, cuda:N, mps), got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as e:
         raise ConfigError("device", f"{device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError("device", f"{device!r}: CUDA is not available here ({why}); use --device cpu (or auto), "
+                              "or install a CUDA build of torch on a machine with an NVIDIA GPU")  # fmt: skip
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError("device", f"{device!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", f"{device!r}: Apple's MPS is not available here; use --device cpu (or auto)")
+    return dev
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

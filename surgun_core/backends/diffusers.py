@@ -6,11 +6,14 @@ backends/text.py. Everything else (noising, sampling, LoRA targets) is the share
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import ConfigError
@@ -56,10 +59,22 @@ class DiffusersBackend(Backend):
     def encode(self, prompts: list[str]) -> Cond:
         with torch.no_grad():
             cond = self.text.encode(list(prompts), self.device)
+        return self._added_cond(cond, len(prompts))
+
+    def encode_with_tokens(self, prompts: list[str], tokens: dict[str, torch.Tensor]) -> Cond:
+        cond = self.text.encode_with_tokens(list(prompts), {k: v.to(self.device) for k, v in tokens.items()},
+                                            self.device)  # fmt: skip
+        return self._added_cond(cond, len(prompts))
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        return self.text.word_embedding(word)
+
+    def _added_cond(self, cond: Cond, n: int) -> Cond:
+        """The family's extra conditioning (SDXL's size ids), all floats in the model's dtype."""
         if self.family == "sdxl":
             size = self.image_size()
             ids = torch.tensor([size, size, 0, 0, size, size], dtype=self.dtype, device=self.device)
-            cond["time_ids"] = ids.expand(len(prompts), 6).clone()
+            cond["time_ids"] = ids.expand(n, 6).clone()
         return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -157,34 +172,64 @@ def family_of(denoiser: nn.Module) -> str:
 
 
 def load_diffusers_folder(path: str | Path, device: str = "auto", precision: str = "float32") -> DiffusersBackend:
-    """Load a diffusers model folder (model_index.json, unet/ or transformer/, text encoder(s), scheduler/)."""
+    """Load a diffusers model folder (model_index.json, unet/ or transformer/, text encoder(s), scheduler/).
+
+    A missing path, an incomplete folder or unreadable (truncated) weights are one ConfigError("model", ...)
+    naming the part, and a device this machine lacks is refused before the weights are read.
+    """
     path = Path(path)
+    if not path.exists():
+        raise ConfigError("model", f"{path} does not exist; give a diffusers model folder (the one with "
+                          "model_index.json)")  # fmt: skip
     if not (path / "model_index.json").is_file():
         raise ConfigError(
             "model", f"{path} is not a diffusers model folder (no model_index.json); give the folder that holds it"
         )
-    index = json.loads((path / "model_index.json").read_text())
+    if not (path / "scheduler" / "scheduler_config.json").is_file():
+        raise ConfigError("model", f"{path} has no scheduler/scheduler_config.json: the model folder is incomplete; "
+                          "copy or download it again, whole")  # fmt: skip
+    resolve_device(device)
+    with _reading(path, "model_index.json"):
+        index = json.loads((path / "model_index.json").read_text())
     if (path / "unet").is_dir():
         from diffusers import UNet2DConditionModel
 
-        denoiser = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
+        with _reading(path, "unet"):
+            denoiser = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
     elif (path / "transformer").is_dir():
         from diffusers import SanaTransformer2DModel
 
-        denoiser = SanaTransformer2DModel.from_pretrained(str(path), subfolder="transformer")
+        with _reading(path, "transformer"):
+            denoiser = SanaTransformer2DModel.from_pretrained(str(path), subfolder="transformer")
     else:
         raise ConfigError("model", f"{path} has neither unet/ nor transformer/; it is not a supported model folder")
     vae = None
     if (path / "vae").is_dir():
         from diffusers import AutoencoderDC, AutoencoderKL
 
-        vae_cfg = json.loads((path / "vae" / "config.json").read_text())
-        vae_cls = AutoencoderDC if vae_cfg.get("_class_name") == "AutoencoderDC" else AutoencoderKL
-        vae = vae_cls.from_pretrained(str(path), subfolder="vae")
-    sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    text = load_text_adapter(path, family_of(denoiser))
+        with _reading(path, "vae"):
+            vae_cfg = json.loads((path / "vae" / "config.json").read_text())
+            vae_cls = AutoencoderDC if vae_cfg.get("_class_name") == "AutoencoderDC" else AutoencoderKL
+            vae = vae_cls.from_pretrained(str(path), subfolder="vae")
+    with _reading(path, "scheduler"):
+        sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    with _reading(path, "text encoder"):
+        text = load_text_adapter(path, family_of(denoiser))
     arch = index.get("_surgun_architecture")
     return DiffusersBackend(denoiser, text, sched, vae=vae, architecture=arch, device=device, precision=precision)
+
+
+@contextlib.contextmanager
+def _reading(path: Path, part: str) -> Iterator[None]:
+    """A part of the folder that cannot be read (truncated weights, broken JSON): one line naming it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError("model", f"{path}: the {part} cannot be read ({first}); the model folder may be "
+                          "truncated or incomplete: copy or download it again") from e  # fmt: skip
 
 
 PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sana": "SanaPipeline"}

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SurgUnError
+from .tokens import learned_rows, placeholder_ids, word_rows
 
 SANA_MAX_LENGTH = 300  # SanaPipeline's max_sequence_length
 
@@ -29,6 +30,16 @@ class TextEncoderAdapter(nn.Module):
     def parts(self) -> dict[str, object]:
         """Diffusers subfolder -> tokenizer or model, in model_index.json order."""
         raise NotImplementedError
+
+    def encode_with_tokens(
+        self, prompts: list[str], tokens: dict[str, torch.Tensor], device
+    ) -> dict[str, torch.Tensor]:
+        """encode(), where each placeholder in `tokens` stands for its (k, d) input embeddings (backends/tokens.py)."""
+        raise SurgUnError(f"{type(self).__name__} cannot encode prompts with learned tokens")
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        """The input embeddings (n, d) of the tokens of `word`: what encode_with_tokens takes for it."""
+        raise SurgUnError(f"{type(self).__name__} cannot give input embeddings of words")
 
     def save_pretrained(self, path: Path) -> dict[str, list[str]]:
         """Write every part into its subfolder of `path`; returns the model_index.json entries."""
@@ -67,6 +78,14 @@ class ClipText(TextEncoderAdapter):
         ids, _ = _ids(self.tokenizer, prompts, device)
         return {"encoder_hidden_states": self.encoder(ids).last_hidden_state}
 
+    def encode_with_tokens(self, prompts, tokens, device):
+        ids, slots = placeholder_ids(self.tokenizer, prompts, {k: len(v) for k, v in tokens.items()}, device)
+        with learned_rows(self.encoder, slots, tokens):
+            return {"encoder_hidden_states": self.encoder(ids).last_hidden_state}
+
+    def word_embedding(self, word):
+        return word_rows(self.tokenizer, self.encoder, word)
+
     def parts(self):
         return {"tokenizer": self.tokenizer, "text_encoder": self.encoder}
 
@@ -104,6 +123,28 @@ class SdxlText(TextEncoderAdapter):
             keep = torch.tensor([p != "" for p in prompts], device=device)
             cond = {k: v * keep.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in cond.items()}
         return cond
+
+    def encode_with_tokens(self, prompts, tokens, device):
+        # a learned token's (k, d1 + d2) embedding: the first d1 columns go to encoder 1, the rest to encoder 2
+        d1, states = self.encoder.get_input_embeddings().embedding_dim, []
+        for tok, enc, cols in ((self.tokenizer, self.encoder, slice(None, d1)),
+                               (self.tokenizer_2, self.encoder_2, slice(d1, None))):  # fmt: skip
+            ids, slots = placeholder_ids(tok, prompts, {k: len(v) for k, v in tokens.items()}, device)
+            with learned_rows(enc, slots, tokens, cols):
+                out = enc(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])  # (B, L, d_i)
+        cond = {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": out.text_embeds}
+        if self.zero_empty_prompt:
+            keep = torch.tensor([p != "" for p in prompts], device=device)
+            cond = {k: v * keep.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in cond.items()}
+        return cond
+
+    def word_embedding(self, word):
+        one, two = word_rows(self.tokenizer, self.encoder, word), word_rows(self.tokenizer_2, self.encoder_2, word)
+        if len(one) != len(two):
+            raise SurgUnError(f"{word!r} is {len(one)} tokens for one SDXL tokenizer and {len(two)} for the other; "
+                              "give a word both split alike")  # fmt: skip
+        return torch.cat([one, two], dim=1)
 
     def parts(self):
         return {
