@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..surgun_core.backends.comfy import ComfyBackend, apply_delta
 from ..surgun_core.concepts import KINDS
+from ..surgun_core.config import EraseConfig
 from ..surgun_core.recipes import family_of
 from ..surgun_core.registry import AUTO_BLOCKS
 from ..surgun_core.surgun import erase
@@ -63,6 +64,10 @@ class SurgUnTrain(io.ComfyNode):
                 io.String.Input("templates", multiline=True, default="", optional=True,
                                 tooltip="Prompt templates with one {} for the concept, one per line; empty: the "
                                 "built-in templates for the kind."),
+                io.Boolean.Input("robust", default=False, optional=True,
+                                 tooltip="Robust mode: train against an adversary that learns a token bringing the "
+                                 "concept back (concept inversion), on every attention layer; slower. Check it "
+                                 "with `surgun audit`."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with the erasure applied (as a LoRA patch, strength 1)."),
@@ -74,14 +79,11 @@ class SurgUnTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, distractors, kind, steps, learning_rate, rank, blocks, guidance, seed,
-                calibration=True, blocks_regex="", templates="") -> io.NodeOutput:  # fmt: skip
+                calibration=True, blocks_regex="", templates="", robust=False) -> io.NodeOutput:  # fmt: skip
         # 1. widgets -> the model family's recipe + what the user set (validated: an empty concept list fails here)
         backend = comfy_backend(model, clip)
-        cfg = build_config(concepts, distractors, templates or "", family=family_of(backend), kind=kind,
-                           steps=recipe_value(steps), lr=recipe_value(learning_rate), rank=recipe_value(rank),
-                           alpha=float(rank) if rank else None, blocks=resolve_blocks(blocks, blocks_regex),
-                           calibrate=calibration, guidance=recipe_value(guidance), seed=seed,
-                           extra={"front_end": "comfyui"})  # fmt: skip
+        cfg = train_config(backend, concepts, distractors, kind, steps, learning_rate, rank, blocks, guidance, seed,
+                           calibration, blocks_regex, templates, robust)  # fmt: skip
         backend.default_guidance = cfg.guidance
         # 2. localize, train, calibrate (progress bar, live numbers, Cancel), leaving the shared model as it was
         pbar = comfy.utils.ProgressBar(cfg.steps)
@@ -106,6 +108,18 @@ class SurgUnTrain(io.ComfyNode):
                 _send_text(text, node_id)
 
         return progress
+
+
+def train_config(backend, concepts, distractors, kind, steps, learning_rate, rank, blocks, guidance, seed,
+                 calibration=True, blocks_regex="", templates="", robust=False) -> EraseConfig:  # fmt: skip
+    """The Train node's widgets -> EraseConfig: the model family's recipe, then the widgets not left at 0 (robust
+    mode with blocks "auto" keeps the recipe's wider robust blocks)."""
+    chosen = resolve_blocks(blocks, blocks_regex)
+    return build_config(concepts, distractors, templates or "", family=family_of(backend), kind=kind,
+                        steps=recipe_value(steps), lr=recipe_value(learning_rate), rank=recipe_value(rank),
+                        alpha=float(rank) if rank else None, blocks=None if robust and chosen == "auto" else chosen,
+                        calibrate=calibration, guidance=recipe_value(guidance), seed=seed, robust=bool(robust) or None,
+                        extra={"front_end": "comfyui"})  # fmt: skip
 
 
 def comfy_backend(model, clip, guidance: float | None = None) -> ComfyBackend:

@@ -6,6 +6,7 @@ Validation lives here only. Every error names the field and what to do (errors.C
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,6 +57,9 @@ class EraseConfig:
     localize_keep: int = 2  # how many block groups the erasure gets
     localize_probe_seeds: int = 4  # probe seeds per prompt when ranking groups (2 flipped the toy "square" ranking)
     localize_attention: str = "cross"  # candidate groups: "cross" (cross-attention K/V), "self" or "all"
+    # widest group first; the first whose short run erases with no retain fall against the base model is chosen
+    # and the rest are not run (False: every group runs and the best localize_keep are kept)
+    localize_first_fit: bool = True
     calibrate: bool = True  # ship the checkpoint with the best retain among those that erase enough
     erase_threshold: float = 0.9  # probe erase score a block group / checkpoint must reach
     retain_tolerance: float = 0.03  # calibration: checkpoints this close to the best retain tie (probe noise)
@@ -69,10 +73,24 @@ class EraseConfig:
     precision: str = "float32"
     device: str = "auto"
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: on for CUDA only
+    # robust mode (engine/robust.py): an adversary learns token(s) that bring the concept back under the LoRA
+    # as it is; the SurgUn loss is also taken under its prompts
+    robust: bool = False
+    robust_every: int = 10  # steps between the adversary's refreshes
+    robust_steps: int = 10  # Adam steps of the adversary at each refresh (warm-started)
+    robust_lr: float = 0.01  # the adversary's learning rate (textual inversion's)
+    robust_tokens: int = 1  # learned tokens standing for the concept
+    robust_share: float = 0.5  # share of each step's target rows under the adversary's prompts
     recipe: str = ""  # the recipe (recipes.py) these settings started from; reports and the header name it
     extra: dict = field(default_factory=dict)  # front-end specific notes, copied into metadata
 
     def __post_init__(self) -> None:
+        # Types first: a JSON file or a form can hand over "no" for a bool (truthy) or "abc" for a number.
+        _check_types(self, ("bool", "str", "Kind", "dict"))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError("seed", f"must be a whole number >= 0, {_got(self.seed)}")
+        if not self.device.strip():
+            raise ConfigError("device", "is empty; give auto, cpu, cuda, cuda:N or mps")
         self.concepts = _clean_list("concepts", self.concepts, allow_empty=False)
         if self.kind not in KINDS:
             raise ConfigError("kind", f"unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
@@ -110,31 +128,37 @@ class EraseConfig:
             "probe_seeds",
             "probe_retained",
             "judge_prompts",
+            "robust_every",
+            "robust_steps",
+            "robust_tokens",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(name, f"must be a whole number >= 1, got {v!r}")
+                raise ConfigError(name, f"must be a whole number >= 1, {_got(v)}")
         v = self.probe_sample_steps
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ConfigError("probe_sample_steps", f"must be a whole number >= 1 or None, got {v!r}")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ConfigError("checkpoint_every", f"must be a whole number >= 0, got {self.checkpoint_every!r}")
+        v = self.checkpoint_every
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError("checkpoint_every", f"must be a whole number >= 0, {_got(v)}")
         if self.contrast_cap is not None:
             _positive("contrast_cap", self.contrast_cap)
-        for name in ("lr", "alpha", "contrast_delta"):
+        if not _number(self.robust_share) or not 0 < self.robust_share <= 1:
+            raise ConfigError("robust_share", f"must be a number in (0, 1], {_got(self.robust_share)}")
+        for name in ("lr", "alpha", "contrast_delta", "robust_lr"):
             _positive(name, getattr(self, name))
         for name in ("w_ascent", "w_distract", "w_contrast", "w_retain", "max_grad_norm", "guidance"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(name, f"must be a finite number >= 0, got {v!r}")
+            if not _number(v) or not math.isfinite(v) or v < 0:
+                raise ConfigError(name, f"must be a finite number >= 0, {_got(v)}")
         if not (self.use_ascent or self.use_distractors or self.use_contrast):
             raise ConfigError("use_contrast", "at least one of use_ascent, use_distractors, use_contrast must be on")
         if not isinstance(self.blocks, str) or not self.blocks.strip():
             raise ConfigError("blocks", f"give a preset ({', '.join(BLOCK_PRESETS)}) or a regular expression")
-        if not isinstance(self.erase_threshold, (int, float)) or not 0 < self.erase_threshold <= 1:
-            raise ConfigError("erase_threshold", f"must be a number in (0, 1], got {self.erase_threshold!r}")
-        if not isinstance(self.retain_tolerance, (int, float)) or not 0 <= self.retain_tolerance < 1:
-            raise ConfigError("retain_tolerance", f"must be a number in [0, 1), got {self.retain_tolerance!r}")
+        if not _number(self.erase_threshold) or not 0 < self.erase_threshold <= 1:
+            raise ConfigError("erase_threshold", f"must be a number in (0, 1], {_got(self.erase_threshold)}")
+        if not _number(self.retain_tolerance) or not 0 <= self.retain_tolerance < 1:
+            raise ConfigError("retain_tolerance", f"must be a number in [0, 1), {_got(self.retain_tolerance)}")
         if self.localize_attention not in ATTENTION_KINDS:
             raise ConfigError("localize_attention", f"unknown {self.localize_attention!r}; choose one of "
                               f"{', '.join(ATTENTION_KINDS)}")  # fmt: skip
@@ -144,6 +168,7 @@ class EraseConfig:
             raise ConfigError("clip_path", "scorer 'clip' needs clip_path: a local CLIP folder (transformers format)")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        _check_types(self, ("int", "float"))  # numbers the checks above do not name (a field added later)
 
     @property
     def block_pattern(self) -> str:
@@ -195,8 +220,64 @@ def _clean_list(name: str, value, allow_empty: bool) -> list[str]:
 
 
 def _positive(name: str, v) -> None:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-        raise ConfigError(name, f"must be a finite number > 0, got {v!r}")
+    if not _number(v) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(name, f"must be a finite number > 0, {_got(v)}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _got(v) -> str:
+    """ "got <value>", and for a quoted value the likely cause (JSON files and forms hand over strings)."""
+    hint = " (a string: write numbers and true/false without quotes)" if isinstance(v, str) else ""
+    return f"got {v!r}{hint}"
+
+
+def _check_types(cfg: EraseConfig, types: tuple[str, ...]) -> None:
+    """Check the fields annotated with one of `types` ("x | None" allows None), from the annotations, so a
+    field added later is checked too. Lists are checked and cleaned by _clean_list, ranges by __post_init__."""
+    checks = {"bool": _bool, "str": _str, "Kind": _str, "dict": _json_dict, "int": _int, "float": _float}
+    for f in dataclasses.fields(cfg):
+        t, v = str(f.type), getattr(cfg, f.name)
+        if t.endswith(" | None"):
+            if v is None:
+                continue
+            t = t[: -len(" | None")]
+        if t in types:
+            checks[t](f.name, v)
+
+
+def _int(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(name, f"must be a whole number, {_got(v)}")
+
+
+def _float(name: str, v) -> None:
+    if not _number(v) or not math.isfinite(v):
+        raise ConfigError(name, f"must be a finite number, {_got(v)}")
+
+
+def _bool(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(name, f"must be true or false, {_got(v)}")
+
+
+def _str(name: str, v) -> None:
+    if not isinstance(v, str):
+        raise ConfigError(name, f"must be a string (text), got {v!r} ({type(v).__name__})")
+
+
+def _json_dict(name: str, v) -> None:
+    """A dict of JSON values with string keys: it is copied into the delta header as JSON."""
+    if not isinstance(v, dict):
+        raise ConfigError(name, f"must be a dictionary (a JSON object), got {v!r} ({type(v).__name__})")
+    try:
+        json.dumps(v, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(name, f"must hold JSON values only (text, numbers, true/false, lists, objects): {e}") from e
+    if not all(isinstance(k, str) for k in v):
+        raise ConfigError(name, "its keys must be strings")
 
 
 def parse_list(text: str | None) -> list[str]:

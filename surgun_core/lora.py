@@ -23,7 +23,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .errors import ConfigError, DeltaFormatError, DeltaMismatchError
-from .io import atomic_path
+from .io import Written, atomic_path, write_failure
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -150,15 +150,24 @@ class LoraDelta:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file in the same folder, then rename): no half-written delta."""
+        return self.write(path).path
+
+    def write(self, path: str | os.PathLike) -> Written:
+        """save(), also saying whether an existing file was replaced. A failed write (disk full, read-only
+        mount) raises io.WriteError, one line naming the path and what to do, and leaves no file."""
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ConfigError(
                 "out", f"{str(path)!r}: a delta file must end in .safetensors; name it e.g. {path.stem}.safetensors"
             )
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
-        with atomic_path(path) as tmp:
-            save_file(self.state_dict(), str(tmp), metadata=meta)
-        return path
+        writer = atomic_path(path)
+        try:
+            with writer as tmp:
+                save_file(self.state_dict(), str(tmp), metadata=meta)
+        except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as SafetensorError
+            raise write_failure(path, "out", e) from e
+        return Written(path, writer.replaced)
 
     @classmethod
     def load(cls, path: str | os.PathLike, module_names: list[str]) -> LoraDelta:

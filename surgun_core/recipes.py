@@ -49,10 +49,15 @@ class Recipe:
     description: str
     settings: dict = field(default_factory=dict)
     per_concepts: Callable[[str, list[str]], dict] | None = None
+    # robust mode's own settings: every attention layer (self and cross, q/k/v/out). On the toy world, with the
+    # adversary, cross-attention K/V alone still let concept inversion bring circles back in 80% of images,
+    # every attention layer in 15% (README, "Robustness")
+    robust: dict = field(default_factory=lambda: {"blocks": "all-attn"})
 
-    def settings_for(self, kind: str, concepts: list[str]) -> dict:
+    def settings_for(self, kind: str, concepts: list[str], robust: bool = False) -> dict:
         extra = self.per_concepts(kind, concepts) if self.per_concepts else {}
-        return {**self.settings, **extra, "recipe": self.name}
+        more = {**self.robust, "robust": True} if robust else {}
+        return {**self.settings, **extra, **more, "recipe": self.name}
 
 
 # sized for 2 CPU cores; probe images at 10 sampler steps and one label prompt per concept for the judge:
@@ -65,9 +70,11 @@ RECIPES: dict[str, Recipe] = {
     "toy": Recipe("toy", "the embedded toy world (16x16 pixels, 1.1M parameters)", TOY_SETTINGS, _toy_concepts),
     # EraseConfig's defaults are the SD recipe
     "sd1": Recipe("sd1", "Stable Diffusion 1.x / 2.x UNets (512-768 px)"),
-    # 1024 px latents: fewer images per sampler call, so training images fit an 8-12 GB card
-    "sdxl": Recipe("sdxl", "Stable Diffusion XL UNets (1024 px)", dict(sample_batch_size=4)),
-    "flow": Recipe("flow", "flow-matching DiTs (SD3, Flux, SANA)", dict(sample_batch_size=4)),
+    # 1024 px latents: 4 images per sampler call and per training batch, so an erase fits a 12 GB card (the plan's
+    # estimate for a training step in fp16 with checkpointing: 15.9 GB at batch 8, 11.4 GB at batch 4)
+    "sdxl": Recipe("sdxl", "Stable Diffusion XL UNets (1024 px)", dict(sample_batch_size=4, batch_size=4)),
+    "flow": Recipe("flow", "flow-matching DiTs (SD3, Flux, SANA)", dict(sample_batch_size=4),
+                   robust={"blocks": "dit-attn"}),
 }
 
 _PREFIXES = (
@@ -95,14 +102,15 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def recipe_settings(family: str, concepts: list[str], kind: str = "object") -> dict:
-    """The recipe's EraseConfig keyword arguments for these concepts (before the user's overrides)."""
+def recipe_settings(family: str, concepts: list[str], kind: str = "object", robust: bool = False) -> dict:
+    """The recipe's EraseConfig keyword arguments for these concepts (before the user's overrides); robust:
+    robust mode with the recipe's robust settings (its wider blocks)."""
     templates_for(kind)  # an unknown kind is refused with the valid ones
-    return {**get_recipe(family).settings_for(kind, concepts), "concepts": list(concepts), "kind": kind}
+    return {**get_recipe(family).settings_for(kind, concepts, robust), "concepts": list(concepts), "kind": kind}
 
 
 def recipe_config(family: str, concepts: list[str], kind: str = "object", **user) -> EraseConfig:
     """EraseConfig = the family's recipe, then what the user set (None values mean "not set")."""
-    settings = recipe_settings(family, concepts, kind)
+    settings = recipe_settings(family, concepts, kind, robust=bool(user.get("robust")))
     settings.update({k: v for k, v in user.items() if v is not None})
     return EraseConfig.from_dict(settings)

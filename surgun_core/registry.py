@@ -27,3 +27,6 @@ ATTENTION_KINDS = ("cross", "self", "all")
 # who judges probe images (judges/scorers.py): the base model itself, the toy world's classifier, a local CLIP
 SCORER_NAMES = ("diffusion", "toy", "clip")
 PRECISIONS = ("float32", "bfloat16", "float16")
+# attacks on an erasure (attacks/): concept inversion, prompt prefix (UnlearnDiffAtk), concept vector
+# (Ring-A-Bell), phrasings never trained on
+ATTACK_NAMES = ("inversion", "prefix", "concept_vector", "phrasings")

@@ -8,6 +8,7 @@ engine/, the judges in judges/. The cost meter (meter.py) counts the denoiser wo
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,15 +19,16 @@ from .backends.base import Backend
 from .cache import ImageCache, default_cache_dir
 from .config import EraseConfig
 from .engine.calibrate import CalibrationResult, calibrate
-from .engine.localize import LocalizeResult, localize
+from .engine.localize import LocalizeResult, localize, widest_group
 from .engine.train import Cancel, Progress, train_delta
-from .judges.probe import judge_templates, probe_set, reference_scores
-from .judges.scorers import Scorer, make_scorer
+from .judges.probe import ProbeScores, ProbeSet, judge_for, probe_set, reference_scores
+from .judges.scorers import Scorer
 from .lora import LoraDelta, LoRASet
 from .meter import peak_memory_mb, total
 from .registry import AUTO_BLOCKS
 
 __all__ = ["Cancel", "EraseResult", "Progress", "erase"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,10 +61,14 @@ def erase(
 ) -> EraseResult:
     """Erase cfg.concepts from `backend`'s model: the whole SurgUn method. Leaves the LoRA attached.
 
-    1. blocks="auto": localization picks the attention block groups (engine/localize.py);
+    0. the base model's scores on the probe set: the reference "retain fell" is judged against;
+    1. blocks="auto": localization (engine/localize.py). With localize_first_fit the widest group (every
+       level's cross-attention K/V) is tried first, with the full run: when its calibrated step erases with
+       no retain fall, it is kept and nothing else is tried; otherwise short runs rank the other groups;
     2. the SurgUn training loop on those blocks (engine/train.py), keeping checkpoints when calibrating;
-    3. calibrate=True: the checkpoint to ship is chosen on the probe set (engine/calibrate.py).
-    The scorer (cfg.scorer unless given) judges the probe images for steps 1 and 3.
+    3. calibrate=True: the checkpoint to ship is chosen on the probe set (engine/calibrate.py): the last,
+       unless the judge sees retain fall there.
+    The scorer (cfg.scorer unless given) judges the probe images for steps 0, 1 and 3.
     """
     t_start = time.time()
     metered = backend.meter.snapshot()
@@ -72,30 +78,71 @@ def erase(
     auto = cfg.blocks.strip() == AUTO_BLOCKS
     probe = probe_set(cfg)
     if scorer is None and (auto or cfg.calibrate):
-        scorer = make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
-    # the base model's scores on the probe set: "retain fell" is judged against them (before any LoRA is on)
-    reference = reference_scores(backend, scorer, cfg.probe_steps, cfg.guidance) if scorer is not None else None
+        scorer = judge_for(cfg, backend)
+    # 0. the base model's scores on the probe set, before any LoRA is on
+    reference = None
+    if scorer is not None:
+        reference = reference_scores(backend, scorer, cfg.probe_steps, cfg.guidance, cfg.sample_batch_size)
     base = reference(probe) if reference is not None else None
-    loc = None
-    if auto:
-        loc = localize(backend, cfg, scorer, probe, progress=progress, cancel=cancel, cache=cache, reference=reference)
-    pattern = loc.pattern if loc else cfg.block_pattern
-    trained = train_delta(backend, cfg, pattern, progress, cancel, cache, cfg.checkpoint_interval)
-    result = EraseResult(trained.lora, history=trained.history, checkpoints=trained.checkpoints,
-                         steps_done=trained.steps_done, stopped=trained.stopped, localization=loc)  # fmt: skip
-    if cfg.calibrate and result.checkpoints:
-        try:
-            result.calibration = calibrate(backend, result.lora, result.checkpoints, scorer, probe,
-                                           cfg.erase_threshold, cfg.probe_steps, cfg.guidance, progress,
-                                           cancel, cfg.retain_tolerance, base)  # fmt: skip
-        except BaseException:
-            result.lora.detach()  # cancelled or failed: the model is left as it was
-            raise
+    run = _Runner(backend, cfg, scorer, probe, base, progress, cancel, cache)
+    result, loc, skip = None, None, ()
+    if auto and cfg.localize_first_fit and base is not None:  # 1a. the widest group, with the full run
+        wide = widest_group(backend, cfg.localize_attention)
+        result = run(wide.pattern, score_last=True)
+        row = next(r for r in result.calibration.curve if r["step"] == result.calibration.chosen_step)
+        if row["erase"] >= cfg.erase_threshold and row["retain"] >= base.retain - cfg.retain_tolerance - 1e-9:
+            loc = LocalizeResult([wide.name], wide.pattern, [{"name": wide.name, "layers": len(wide.modules), **row}],
+                                 reason="the widest group, run in full, erased with no retain fall against the "
+                                 "base model; narrower groups not tried")  # fmt: skip
+        else:
+            log.info("localization: %s let retain fall or did not erase (%s); ranking the narrower groups",
+                     wide.name, row)  # fmt: skip
+            result.lora.detach()
+            result, skip = None, (wide.name,)
+    if result is None:
+        if auto:  # 1b. short runs rank the (other) groups
+            loc = localize(backend, cfg, scorer, probe, progress=progress, cancel=cancel, cache=cache,
+                           reference=reference, skip=skip)  # fmt: skip
+        result = run(loc.pattern if loc else cfg.block_pattern, score_last=False)
+    result.localization = loc
+    if not cfg.calibrate:
+        result.calibration = None  # scored only to check the widest group: the last step ships
     result.seconds = time.time() - t_start
     result.peak_mem_mb = peak_memory_mb(backend.device)
     result.forwards_by_phase = backend.meter.since(metered)
     result.delta = result.lora.to_delta(backend.lora_prefix, delta_metadata(backend, cfg, result))
     return result
+
+
+@dataclass
+class _Runner:
+    """Steps 2 and 3 on one set of blocks: train, then calibrate (or, with score_last, score the last step)."""
+
+    backend: Backend
+    cfg: EraseConfig
+    scorer: Scorer | None
+    probe: ProbeSet
+    base: ProbeScores | None
+    progress: Progress | None
+    cancel: Cancel | None
+    cache: ImageCache
+
+    def __call__(self, pattern: str, score_last: bool) -> EraseResult:
+        cfg = self.cfg
+        t = train_delta(self.backend, cfg, pattern, self.progress, self.cancel, self.cache, cfg.checkpoint_interval)
+        result = EraseResult(t.lora, history=t.history, checkpoints=t.checkpoints, steps_done=t.steps_done,
+                             stopped=t.stopped)  # fmt: skip
+        checkpoints = result.checkpoints if cfg.calibrate else [(t.steps_done, t.lora.snapshot())]
+        if (cfg.calibrate or score_last) and checkpoints:
+            try:
+                result.calibration = calibrate(self.backend, result.lora, checkpoints, self.scorer, self.probe,
+                                               cfg.erase_threshold, cfg.probe_steps, cfg.guidance, self.progress,
+                                               self.cancel, cfg.retain_tolerance, self.base,
+                                               cfg.sample_batch_size)  # fmt: skip
+            except BaseException:
+                result.lora.detach()  # cancelled or failed: the model is left as it was
+                raise
+        return result
 
 
 def delta_metadata(backend: Backend, cfg: EraseConfig, result: EraseResult) -> dict:

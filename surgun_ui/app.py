@@ -75,6 +75,8 @@ def build_ui(host: Host, session: EraseSession | None = None) -> gr.Blocks:
                     calibrate = gr.Checkbox(
                         value=True, label="Calibrate (ship the best checkpoint)", elem_id="surgun_calibrate"
                     )
+                    robust = gr.Checkbox(value=False, label="Robust (train against a token that brings the concept "
+                                         "back; slower)", elem_id="surgun_robust")  # fmt: skip
                 lora_name = gr.Textbox(label="LoRA file name (empty: surgun-<concept>)", elem_id="surgun_lora_name")
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="surgun_train")
@@ -115,7 +117,8 @@ def build_ui(host: Host, session: EraseSession | None = None) -> gr.Blocks:
             audit_report = gr.JSON(label="Audit report (recovery: share of attacked images judged as the concept)",
                                    elem_id="surgun_audit_report")  # fmt: skip
 
-        form = [concepts, distractors, kind, preset, steps, lr, rank, blocks, calibrate, guidance, seed, lora_name]
+        form = [concepts, distractors, kind, preset, steps, lr, rank, blocks, calibrate, guidance, seed, lora_name,
+                robust]  # fmt: skip
         outputs = [status, gallery, scores, curve, lora_path, snippet]
         _on(train.click, erase_handler(session), form, outputs, api_name="erase")
         _on(stop.click, lambda: session.stop(), None, None, queue=False, api_name="stop")
@@ -129,10 +132,11 @@ def build_ui(host: Host, session: EraseSession | None = None) -> gr.Blocks:
 def erase_handler(session: EraseSession):
     """The Train button: a generator that streams progress, then the results (the `erase` endpoint)."""
 
-    def run(concepts, distractors, kind, preset, steps, lr, rank, blocks, calibrate, guidance, seed, lora_name):
+    def run(concepts, distractors, kind, preset, steps, lr, rank, blocks, calibrate, guidance, seed, lora_name,
+            robust=False):  # fmt: skip
         request = EraseRequest(concepts or "", distractors or "", kind or "object", preset or "balanced",
                                int(steps or 0), float(lr or 0), int(rank or 0), blocks or "auto", bool(calibrate),
-                               float(guidance or 0), int(seed or 0), lora_name or "")  # fmt: skip
+                               float(guidance or 0), int(seed or 0), lora_name or "", bool(robust))  # fmt: skip
         try:
             request.to_config(session.host)  # a bad form fails now, with the field named
             request.file_name()

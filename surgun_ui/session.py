@@ -24,8 +24,7 @@ from surgun_core.backends.base import Backend
 from surgun_core.charts import plot_curve
 from surgun_core.config import EraseConfig, parse_list
 from surgun_core.errors import Cancelled, ConfigError, SurgUnError
-from surgun_core.judges.probe import judge_templates, probe_set, score_probe
-from surgun_core.judges.scorers import make_scorer
+from surgun_core.judges.probe import judge_for, probe_set, score_probe
 from surgun_core.lora import LoraDelta
 from surgun_core.recipes import family_of, recipe_settings
 from surgun_core.registry import ATTACK_NAMES
@@ -88,14 +87,17 @@ class EraseRequest:
     guidance: float = 0.0  # 0: the preset's
     seed: int = 0
     lora_name: str = ""  # file name in the LoRA folder; empty: surgun-<concept>
+    robust: bool = False  # robust mode: train against an adversary that learns a token to bring the concept back
 
     def to_config(self, host: Host) -> EraseConfig:
         concepts = parse_list(self.concepts)
         if not concepts:
             raise ConfigError("concepts", "name at least one concept to erase, e.g. 'circle' (one per line or comma)")
         kind = host.kind_for(concepts, self.kind)
-        settings = preset_settings(self.preset, recipe_settings(host.recipe(), concepts, kind))
-        settings.update(blocks=self.blocks or "auto", calibrate=self.calibrate, seed=int(self.seed))
+        settings = preset_settings(self.preset, recipe_settings(host.recipe(), concepts, kind, self.robust))
+        settings.update(calibrate=self.calibrate, seed=int(self.seed))
+        if (self.blocks or "auto") != "auto" or not self.robust:  # robust mode keeps its recipe's wider blocks
+            settings["blocks"] = self.blocks or "auto"
         distractors = parse_list(self.distractors)
         if distractors:
             settings["distractors"] = distractors
@@ -200,7 +202,7 @@ class EraseSession:
             row = next(r for r in cal.curve if r["step"] == cal.chosen_step)
             return {"erase": row["erase"], "retain": row["retain"], "h": row["h"], "chosen_step": cal.chosen_step}
         s = score_probe(
-            backend, _scorer(backend, cfg), probe_set(cfg), cfg.probe_steps, cfg.guidance, judge=result.lora.disabled
+            backend, judge_for(cfg, backend), probe_set(cfg), cfg.probe_steps, cfg.guidance, judge=result.lora.disabled
         )
         return {"erase": s.erase, "retain": s.retain, "h": s.h, "chosen_step": result.steps_done}
 
@@ -267,15 +269,10 @@ class EraseSession:
         """What the judge (the base model, LoRA off) sees in each image, over the erased and retained labels."""
         probe = probe_set(cfg)
         with lset.disabled():
-            before, after = _scorer(backend, cfg).predict(x0.to(backend.device), probe.labels)
+            before, after = judge_for(cfg, backend).predict(x0.to(backend.device), probe.labels)
         erased = set(probe.erased)
         return {"before": before, "after": after, "before_shows_erased": before in erased,
                 "after_shows_erased": after in erased}  # fmt: skip
-
-
-def _scorer(backend: Backend, cfg: EraseConfig):
-    """The judge cfg names, as erase() builds it."""
-    return make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
 
 
 def gallery_prompts(cfg: EraseConfig) -> tuple[list[str], list[int]]:

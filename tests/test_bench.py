@@ -95,3 +95,21 @@ def test_peak_memory_sees_a_cpu_allocation():
         x = torch.ones(64, 2**20)  # 256 MB
         del x
     assert mem.peak_mb > 150
+
+
+@pytest.mark.slow
+def test_bench_attacks_every_method_and_records_the_control(tmp_path):
+    """--attacks: a recovery column per attack for every method, the base model's recovery as the control."""
+    rep = run_bench(["circle"], ["uce"], seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4,
+                    attacks=("phrasings",))  # fmt: skip
+    row = rep["methods"]["uce"]
+    assert 0 <= row["recovery_phrasings"] <= 1
+    assert 0 <= rep["controls"]["circle"]["recovery_phrasings"] <= 1
+    assert (
+        json.loads((tmp_path / "runs" / "circle" / "control.json").read_text())["control"] == rep["controls"]["circle"]
+    )
+    md = (tmp_path / "bench.md").read_text()
+    assert "recovery phrasings" in md and "base model (control)" in md
+    again = run_bench(["circle"], ["uce"], seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4,
+                      attacks=("phrasings",))  # fmt: skip
+    assert again["per_concept"]["uce"]["circle"]["reused"] and again["controls"] == rep["controls"]

@@ -2,25 +2,11 @@
 
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pack():
-    """The repository root as a package, the way ComfyUI loads it (nodes/ reaches the core through it)."""
-    name = "surgun_pack_parsing"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-        del sys.modules[m]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def parsing():
-    """nodes/parsing.py as ComfyUI loads it: through the repository root as a package."""
-    name = "surgun_pack_recipes"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    yield importlib.import_module(name + ".nodes.parsing")
-    for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-        del sys.modules[m]
+def parsing(pack):
+    """nodes/parsing.py as ComfyUI loads it: through the repository root as a package (conftest.pack)."""
+    return importlib.import_module(pack.__name__ + ".nodes.parsing")
 
 
 def _settings(cfg) -> dict:
@@ -80,3 +72,11 @@ def test_unknown_recipe_and_kind_are_refused():
 def test_the_recipe_is_named_in_the_config():
     assert recipe_config("sdxl", ["dog"]).recipe == "sdxl"
     assert recipe_config("sdxl", ["dog"]).sample_batch_size == 4
+
+
+def test_robust_mode_widens_the_blocks_unless_the_user_chose_them():
+    assert recipe_config("toy", ["circle"], "object", robust=True).blocks == "all-attn"
+    assert recipe_config("flow", ["dog"], robust=True).blocks == "dit-attn"
+    assert recipe_config("toy", ["circle"], "object", robust=True, blocks="cross-attn-kv").blocks == "cross-attn-kv"
+    tab = EraseRequest(concepts="circle", preset="balanced", robust=True).to_config(StandaloneHost())
+    assert tab.robust and tab.blocks == "all-attn"

@@ -30,6 +30,7 @@ from ..toyworld import load_toy_backend, load_toy_classifier
 from ..toyworld.evaluate import concept_kind, erase_metrics, generate_toy, toy_prompts
 from ..toyworld.world import COLOURS, EVAL_TEMPLATE, HELDOUT_TEMPLATES, SHAPES
 from .methods import MAIN_METHODS, METHODS, TUNED, check_methods, method_signature, run_method
+from .recovery import attack_code, control, recovery
 from .tuned import best_settings
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class PeakMemory:
 def run_bench(concepts: list[str] | None = None, methods: list[str] | None = None, quick: bool = False,
               seeds_per_pair: int | None = None, out_dir: str | Path = "surgun-bench", json_path=None,
               progress=None, overrides: dict | None = None, sample_steps: int = 20,
-              fresh: bool = False, collect: bool = False) -> dict:  # fmt: skip
+              fresh: bool = False, collect: bool = False, attacks: tuple[str, ...] = ()) -> dict:  # fmt: skip
     """Run the benchmark; write bench.md, bench.json and the calibration plots into out_dir. Returns the JSON.
 
     Each finished (method, concept) run is recorded in out_dir/runs/ and reused by a later call whose
@@ -86,6 +87,8 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
         overrides: smaller runs for tests (bench_methods.run_method); None for the real benchmark.
         fresh: run everything again, ignoring the records.
         collect: run nothing; build the table from the records there are (the report lists what is missing).
+        attacks: also attack every erased model (recovery.py): recovery_<attack> columns, the base model's
+            recovery under the same attacks as each concept's control.
     """
     concepts = concepts or (["circle"] if quick else [*SHAPES, *COLOURS])
     for c in concepts:
@@ -103,13 +106,17 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
     before = generate_toy(backend, rows, sample_steps)
     judges = DiffusionScorer(backend, "object", ["a {}"]), DiffusionScorer(backend, "style", ["{} artwork"])
     agree = [_agreement(judges, before, clf)]
+    attacks = tuple(attacks)
+    keys = KEYS + tuple(f"recovery_{a}" for a in attacks)
+    controls: dict[str, dict] = {}
     per: dict[str, dict[str, dict]] = {m: {} for m in methods}
     settings: dict[str, dict] = {}
     missing: list[str] = []
     for ci, concept in enumerate(concepts):
         for mi, m in enumerate(methods):
             sig = method_signature(m, concept, quick=quick, overrides=overrides)
-            key = _record_key(sig, backend, rows, sample_steps)
+            key = _record_key({**sig, "attacks": [attacks, attack_code()] if attacks else None}, backend, rows,
+                              sample_steps)  # fmt: skip
             path = out / "runs" / concept / f"{m}.json"
             rec = None if fresh else _load_record(path, key)
             reused = rec is not None
@@ -119,18 +126,21 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
             if not reused:
                 n = ci * len(methods) + mi + 1
                 log.info("bench: %s on %r (%d/%d)", m, concept, n, len(concepts) * len(methods))
-                rec = _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, progress, overrides)
+                rec = _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, progress, overrides,
+                           attacks)  # fmt: skip
                 write_json(path, {"key": key, "signature": sig, **rec})
             else:
                 log.info("bench: %s on %r reused from %s", m, concept, path)
             if rec["agreement"] is not None:
                 agree.append(tuple(rec["agreement"]))
             per[m][concept] = {**rec["metrics"], "reused": reused}
+            if attacks and concept not in controls and not collect:
+                controls[concept] = control(backend, concept, attacks, clf, out, fresh)
             settings.setdefault(m, rec["settings"])
             if rec["calibration"] is not None:
                 plot_curve(CalibrationResult(**rec["calibration"]), out / f"calibration-{m}-{concept}.png",
                            f"{m}: erase {concept!r}")  # fmt: skip
-    table = {m: {k: sum(r[k] for r in per[m].values()) / len(per[m]) for k in KEYS} for m in methods if per[m]}
+    table = {m: {k: sum(r[k] for r in per[m].values()) / len(per[m]) for k in keys} for m in methods if per[m]}
     n_agree = sum(a[1] for a in agree)
     threads = "collected from the records" if collect else f"{torch.get_num_threads()} torch threads"
     report = {
@@ -139,6 +149,8 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
         "settings": settings,
         "concepts": concepts,
         "missing": missing,  # (collect) runs with no record yet: the table averages over the others
+        "attacks": list(attacks),
+        "controls": controls,  # per concept: the base model's recovery under each attack
         "quick": quick,
         "seeds_per_pair": seeds,
         "images_per_method_and_concept": len(rows),
@@ -153,7 +165,7 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
     return report
 
 
-def _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, progress, overrides) -> dict:
+def _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, progress, overrides, attacks=()) -> dict:
     """One method's erase of one concept, judged on the same rows as the base images `before`."""
     metered = backend.meter.snapshot()  # the cost meter: every method's denoiser work, its own sampling included
     with PeakMemory(backend.device) as mem:
@@ -162,9 +174,10 @@ def _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, pr
     try:
         after = generate_toy(backend, rows, sample_steps)
         agreement = _agreement(judges, after, clf) if m == "surgun" else None
+        recovered = recovery(backend, concept, attacks, clf) if attacks else {}
     finally:
         run.undo()
-    metrics = {**erase_metrics(before, after, clf, concept), "forwards": sum(forwards.values()),
+    metrics = {**erase_metrics(before, after, clf, concept), **recovered, "forwards": sum(forwards.values()),
                "seconds": run.seconds, "peak_mem_mb": mem.peak_mb}  # fmt: skip
     cal = run.calibration.to_dict() if run.calibration is not None else None
     return {"metrics": metrics, "forwards_by_phase": forwards, "settings": run.settings, "calibration": cal,
@@ -201,12 +214,19 @@ def _agreement(judges: tuple[DiffusionScorer, DiffusionScorer], imgs, clf) -> tu
 
 
 def format_markdown(report: dict) -> str:
-    lines = ["| method | UA | IRA | CRA | H | spread | drift | forwards | seconds | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    attacks = report.get("attacks", [])
+    head = ["method", "UA", "IRA", "CRA", "H", "spread", "drift", *(f"recovery {a}" for a in attacks), "forwards",
+            "seconds", "peak MB"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m, r in report["methods"].items():
         cells = [f"{r[k]:.3f}" for k in ("ua", "ira", "cra", "h", "spread", "drift")]
+        cells += [f"{r[f'recovery_{a}']:.2f}" for a in attacks]
         cells += [f"{r['forwards']:,.0f}", f"{r['seconds']:.0f}", f"{r['peak_mem_mb']:.0f}"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    controls = report.get("controls", {})
+    if attacks and controls:
+        base = {a: sum(c[f"recovery_{a}"] for c in controls.values()) / len(controls) for a in attacks}
+        lines.append(f"| base model (control) | | | | | | | {' | '.join(f'{v:.2f}' for v in base.values())} | | | |")
     lines += _per_concept_table(report)
     done = {m: len(r) for m, r in report["per_concept"].items()}
     if report.get("missing"):

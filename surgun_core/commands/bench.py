@@ -18,7 +18,8 @@ def run(a) -> int:
         return 0
     with TqdmProgress() as bar:
         report = run_bench(a.concepts, a.methods, quick=a.quick, seeds_per_pair=a.seeds, out_dir=a.out,
-                           json_path=a.json, progress=bar, fresh=a.fresh, collect=a.collect)  # fmt: skip
+                           json_path=a.json, progress=bar, fresh=a.fresh, collect=a.collect,
+                           attacks=tuple(a.attacks or ()))  # fmt: skip
     print(format_markdown(report))
     print(f"written: {Path(a.out) / 'bench.md'}, {a.json or Path(a.out) / 'bench.json'} and calibration plots")
     return 0

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from ..backends.diffusers import load_diffusers_folder
 from ..config import EraseConfig
 from ..errors import ConfigError
+from ..io import check_writable
+from ..plan import format_plan, plan_erase
 from ..recipes import family_of, recipe_config
 from ..surgun import erase
+from .common import load_backend, read_settings, wrote
 from .progress import TqdmProgress
 
 log = logging.getLogger(__name__)
 
-FLAGS = ("kind", "steps", "lr", "rank", "alpha", "blocks", "seed", "device", "precision")
+FLAGS = ("kind", "steps", "lr", "rank", "alpha", "blocks", "seed", "device", "precision", "robust")
 
 
 def settings_from(a) -> dict:
     """What the user set: the --config file's settings, then the flags that were given (None: not given)."""
-    settings = json.loads(Path(a.config).read_text()) if a.config else {}
+    settings = read_settings(a.config) if a.config else {}
     settings["concepts"] = a.concept
     settings.update({k: getattr(a, k) for k in FLAGS if getattr(a, k) is not None})
     if a.distractor:
@@ -38,17 +39,24 @@ def erase_config(settings: dict, backend) -> EraseConfig:
 def run(a) -> int:
     settings = settings_from(a)
     EraseConfig.from_dict(settings)  # what the user set is checked before any work (the recipe fills the rest)
-    out = Path(a.out)
+    if a.out is None and not a.plan:
+        raise ConfigError("out", "give the delta file to write (--out NAME.safetensors), or --plan for the cost only")
+    out = Path(a.out or "plan.safetensors")  # --plan writes nothing
     if out.suffix != ".safetensors":
         raise ConfigError("out", f"{out.name!r}: the delta file must end in .safetensors")
-    backend = load_diffusers_folder(a.model, device=settings.get("device", "auto"),
-                                    precision=settings.get("precision", "float32"))  # fmt: skip
+    if not a.plan:
+        check_writable(out, "out")  # a bad --out fails now, not after the whole erase
+    backend = load_backend(a.model, config=a.model_config, device=settings.get("device", "auto"),
+                           precision=settings.get("precision", "float32"))  # fmt: skip
     cfg = erase_config(settings, backend)
+    if a.plan:  # the cost before any work: nothing is trained or written
+        print(format_plan(plan_erase(backend, cfg, time_it=a.time or None)))
+        return 0
     with TqdmProgress() as bar:
         result = erase(backend, cfg, progress=bar)
-    result.delta.save(out)
-    print(f"wrote {out} ({len(result.delta.weights)} layers, {result.steps_done} steps, {result.seconds:.1f} s, "
-          f"{result.forwards:,} sample-forwards, recipe {cfg.recipe})")  # fmt: skip
+    written = result.delta.write(out)  # a late failure (disk full) is one line: io.WriteError
+    print(f"{wrote(written)}: {len(result.delta.weights)} layers, {result.steps_done} steps, {result.seconds:.1f} s, "
+          f"{result.forwards:,} sample-forwards, recipe {cfg.recipe}")  # fmt: skip
     if result.stopped:
         print(f"note: {result.stopped}")
     return 0

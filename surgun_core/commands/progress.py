@@ -6,6 +6,8 @@ from typing import ClassVar
 
 from tqdm import tqdm
 
+from . import interrupt
+
 
 class TqdmProgress:
     """progress(phase, done, total, stats) -> a tqdm bar per phase, with its rate and ETA."""
@@ -16,17 +18,23 @@ class TqdmProgress:
         "evaluate": "sampling before/after",
         "localize": "localizing (short run per block group)",
         "calibrate": "calibrating (scoring checkpoints)",
+        "probe": "probing (drawing and judging images)",
     }
 
     def __init__(self) -> None:
         self.bar, self.phase = None, None
 
     def __call__(self, phase: str, done: int, total: int, stats: dict) -> None:
-        if phase != self.phase:
+        interrupt.check()  # Ctrl-C that a library swallowed stops the run here
+        # a new bar per phase, and when a phase starts over (training images: the concepts, then the distractors)
+        if phase != self.phase or done < self.bar.n or total != self.bar.total:
             self.close()
-            self.phase, self.bar = phase, tqdm(total=total, desc=self.LABELS.get(phase, phase), leave=False)
-        self.bar.total = total
-        self.bar.n = done
+            # initial=done: work before the first report is not counted as done in no time (no false rate)
+            self.phase = phase
+            self.bar = tqdm(total=total, initial=done, desc=self.LABELS.get(phase, phase), leave=False)
+        # every phase reports its total, so tqdm shows the rate and the ETA; update() (not n=) feeds the
+        # smoothed rate the ETA comes from
+        self.bar.update(done - self.bar.n)
         if stats:
             keys = ("loss", "L_T", "L_D", "erase", "retain")
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in keys})

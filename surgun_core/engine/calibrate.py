@@ -67,7 +67,7 @@ def choose_step(curve: list[dict], threshold: float, tolerance: float = 0.0) -> 
 def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict]], scorer: Scorer,
               probe: ProbeSet, threshold: float = 0.9, steps: int = 20, guidance: float | None = None,
               progress=None, cancel=None, tolerance: float = 0.0,
-              reference: ProbeScores | None = None) -> CalibrationResult:  # fmt: skip
+              reference: ProbeScores | None = None, batch_size: int = 64) -> CalibrationResult:  # fmt: skip
     """Score the checkpoints on the probe set; leave `lora` holding the chosen one.
 
     With the base model's own scores on the probe set (`reference`), the last checkpoint is scored first and
@@ -88,7 +88,7 @@ def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict
             raise Cancelled("erase cancelled by the user during calibration; nothing was written")
         lora.restore(state)
         with backend.meter.phase("calibration"):
-            sc = score_probe(backend, scorer, probe, steps, guidance, judge=lora.disabled)
+            sc = score_probe(backend, scorer, probe, steps, guidance, judge=lora.disabled, batch_size=batch_size)
         rows[step] = {"step": step, "erase": sc.erase, "retain": sc.retain, "h": sc.h}
         log.info("calibration: step %5d  erase %.2f  retain %.2f", step, sc.erase, sc.retain)
         progress("calibrate", len(rows), len(checkpoints), {"erase": sc.erase, "retain": sc.retain})

@@ -24,8 +24,8 @@ from ..cache import ImageCache, default_cache_dir
 from ..config import EraseConfig
 from ..errors import ConfigError
 from ..io import write_json
-from ..judges.probe import ProbeScores, ProbeSet, judge_templates, probe_set, score_probe
-from ..judges.scorers import Scorer, make_scorer
+from ..judges.probe import ProbeScores, ProbeSet, judge_for, probe_set, score_probe
+from ..judges.scorers import Scorer
 from ..registry import ATTENTION_KINDS
 from .train import train_delta
 
@@ -103,6 +103,11 @@ def candidate_groups(backend: Backend, attention: str = "cross") -> list[BlockGr
     return [BlockGroup(k, v) for k, v in groups.items()]
 
 
+def widest_group(backend: Backend, attention: str = "cross") -> BlockGroup:
+    """The candidate group with the most layers (UNets: every level's cross-attention K/V together)."""
+    return max(candidate_groups(backend, attention), key=lambda g: len(g.modules))
+
+
 def _width(name: str, mod) -> int:
     """The attention's inner width (the level's channel count in SD UNets): to_out reads it, to_q/k/v write it."""
     return mod.in_features if name.endswith(("to_out.0", "to_out")) else mod.out_features
@@ -125,20 +130,24 @@ def choose_groups(rows: list[dict], threshold: float, keep: int) -> list[str]:
 
 def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet, *, progress=None, cancel=None,
              cache: ImageCache | None = None, cache_dir: Path | None = None,
-             reference: Reference | None = None) -> LocalizeResult:  # fmt: skip
+             reference: Reference | None = None, skip: tuple[str, ...] = ()) -> LocalizeResult:  # fmt: skip
     """Short runs on the candidate groups; return the chosen ones.
 
     With cfg.localize_first_fit and `reference` (the base model's scores on a probe set: a callable
     probe -> ProbeScores), groups run widest first and the first that reaches the erase threshold with retain
     within cfg.retain_tolerance of the base model's is chosen; the rest are not run. Otherwise (or when none
-    fits) every group runs and choose_groups keeps the best cfg.localize_keep.
+    fits) every group runs and choose_groups keeps the best cfg.localize_keep. Groups named in `skip` (one
+    the orchestrator already tried in full) are left out.
 
     Cached in memory, and on disk next to the image cache's folder (`cache`, default SURGUN_CACHE) unless
     `cache_dir` names another; an ImageCache without a folder keeps it off disk.
     """
     t0 = time.time()
     progress = progress or (lambda *a: None)
-    groups = candidate_groups(backend, cfg.localize_attention)
+    groups = [g for g in candidate_groups(backend, cfg.localize_attention) if g.name not in skip]
+    if not groups:
+        raise ConfigError("blocks", f"no block group left to localize over after {', '.join(skip)}; give blocks "
+                          "explicitly (a preset or a regular expression)")  # fmt: skip
     probe = replace(probe, seeds=probe.seeds[: cfg.localize_probe_seeds])  # fewer seeds: a cheaper, noisier ranking
     folder = cache_dir if cache_dir is not None else _cache_folder(cache)
     key = _key(backend, cfg, scorer, probe, groups)
@@ -177,7 +186,8 @@ def _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache, b
     for i, grp in enumerate(groups):
         res = train_delta(backend, short, grp.pattern, cancel=cancel, cache=cache)
         try:  # probe images drawn with the group's LoRA on; the judge sees the base model (LoRA off)
-            sc = score_probe(backend, scorer, probe, cfg.probe_steps, cfg.guidance, judge=res.lora.disabled)
+            sc = score_probe(backend, scorer, probe, cfg.probe_steps, cfg.guidance, judge=res.lora.disabled,
+                             batch_size=cfg.sample_batch_size)  # fmt: skip
         finally:
             res.lora.detach()
         rows.append({"name": grp.name, "layers": len(grp.modules), "erase": sc.erase, "retain": sc.retain,
@@ -194,8 +204,7 @@ def localize_for(backend: Backend, cfg: EraseConfig, progress=None, cancel=None,
                  cache: ImageCache | None = None) -> LocalizeResult:  # fmt: skip
     """Localization alone, with the erasure's own probe set and scorer (the SurgUn Localize node's call)."""
     probe = probe_set(cfg)
-    scorer = make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg))
-    return localize(backend, cfg, scorer, probe, progress=progress, cancel=cancel, cache=cache)
+    return localize(backend, cfg, judge_for(cfg, backend), probe, progress=progress, cancel=cancel, cache=cache)
 
 
 def _short_config(cfg: EraseConfig) -> EraseConfig:

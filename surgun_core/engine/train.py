@@ -24,6 +24,7 @@ from ..config import EraseConfig
 from ..errors import Cancelled, ConfigError
 from ..lora import LoRASet
 from .data import CondBank, generate_concept_images
+from .robust import Adversary
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def train_delta(
         torch.manual_seed(cfg.seed)
         lset = LoRASet(targets, cfg.rank, cfg.alpha).attach()
     params = list(lset.parameters())
+    adversary = Adversary(backend, cfg, X_T) if cfg.robust else None  # robust mode's attacker (robust.py)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     dev = backend.device
@@ -120,10 +122,14 @@ def train_delta(
     try:
         for step in range(cfg.steps):
             _check(cancel)
-            # target batch: target images with their own (target) prompts
+            if adversary is not None:
+                adversary.refresh(step)
+            # target batch: target images with their own (target) prompts (robust: some under the adversary's)
             it = torch.randint(0, len(X_T.prompts), (B,), generator=g)
             x_T = X_T.x0[it].to(dev, backend.dtype)
             batch = StepBatch(x_T, bank.batch([X_T.prompts[i] for i in it]), backend.objective.sample_t(B, g))
+            if adversary is not None:
+                batch.c_T = adversary.mix(batch.c_T, it)
             batch.noise_T = torch.randn(x_T.shape, generator=g).to(x_T)
             if cfg.use_distractors or cfg.use_contrast:
                 # distractor batch: K distractors drawn afresh, their images under the TARGET prompts

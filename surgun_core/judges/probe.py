@@ -18,7 +18,7 @@ import torch
 from ..backends.base import Backend
 from ..concepts import templates_for
 from ..config import EraseConfig
-from .scorers import Scorer
+from .scorers import Scorer, make_scorer
 
 PROBE_SEED = 7_000_000  # probe images use seeds far from the training images' seeds
 Judge = Callable[[], contextlib.AbstractContextManager]  # a context in which the model is the base model
@@ -50,6 +50,12 @@ def probe_set(cfg: EraseConfig) -> ProbeSet:
     return ProbeSet(list(cfg.concepts), retained, templates, [PROBE_SEED + i for i in range(cfg.probe_seeds)])
 
 
+def judge_for(cfg: EraseConfig, backend: Backend) -> Scorer:
+    """The judge an erasure uses (cfg.scorer), batched like its sampler calls: the one place it is built."""
+    return make_scorer(cfg.scorer, backend, cfg.kind, clip_path=cfg.clip_path, templates=judge_templates(cfg),
+                       batch_size=2 * cfg.sample_batch_size)  # fmt: skip
+
+
 def judge_templates(cfg: EraseConfig) -> list[str]:
     """The label prompts a judge scores: the concept alone, as in training (the first cfg.judge_prompts)."""
     return (cfg.templates or list(templates_for(cfg.kind)))[: cfg.judge_prompts]
@@ -71,18 +77,20 @@ class ProbeScores:
 
 
 def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 20, guidance: float | None = None,
-                x0: torch.Tensor | None = None, judge: Judge | None = None) -> ProbeScores:  # fmt: skip
+                x0: torch.Tensor | None = None, judge: Judge | None = None,
+                batch_size: int = 64) -> ProbeScores:  # fmt: skip
     """Generate the probe images with the model as it is now (LoRA on, if attached) and score them.
 
     Args:
         judge: a context in which the model is the base model (e.g. LoRASet.disabled): the diffusion
             scorer must judge with the model from before the erasure, not with the erased one.
         x0: probe images already generated (ProbeSet.rows() order); then only the scoring runs.
+        batch_size: images per sampler call (x2 rows with guidance): bounds GPU memory.
     """
     rows = probe.rows()
     if x0 is None:
         with backend.meter.phase("probe images"):
-            x0 = backend.sample([r[0] for r in rows], [r[2] for r in rows], steps, guidance)
+            x0 = backend.sample([r[0] for r in rows], [r[2] for r in rows], steps, guidance, batch_size=batch_size)
     with (judge or contextlib.nullcontext)(), backend.meter.phase("judging"):
         pred = scorer.predict(x0, probe.labels)
     per = {}
@@ -96,8 +104,8 @@ def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 
     return ProbeScores(erase, retain, per, x0)
 
 
-def reference_scores(backend: Backend, scorer: Scorer, steps: int = 20,
-                     guidance: float | None = None) -> Callable[[ProbeSet], ProbeScores]:  # fmt: skip
+def reference_scores(backend: Backend, scorer: Scorer, steps: int = 20, guidance: float | None = None,
+                     batch_size: int = 64) -> Callable[[ProbeSet], ProbeScores]:  # fmt: skip
     """The base model's own scores on a probe set, computed once per probe set (cost meter phase "reference").
 
     What "retain fell" is measured against: the judge misreads some base images too, so an erased model is
@@ -110,7 +118,7 @@ def reference_scores(backend: Backend, scorer: Scorer, steps: int = 20,
         key = json.dumps(probe.rows())
         if key not in memo:
             with backend.meter.phase("reference"):
-                memo[key] = score_probe(backend, scorer, probe, steps, guidance)
+                memo[key] = score_probe(backend, scorer, probe, steps, guidance, batch_size=batch_size)
         return memo[key]
 
     return reference

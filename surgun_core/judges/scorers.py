@@ -141,12 +141,13 @@ assert tuple(SCORERS) == SCORER_NAMES  # registry.py names them for config valid
 
 
 def make_scorer(name: str, backend: Backend, kind: str = "object", *, clip_path: str | None = None,
-                templates: list[str] | None = None, classifier=None) -> Scorer:  # fmt: skip
-    """A scorer by registry name; an unknown name lists the valid ones."""
+                templates: list[str] | None = None, classifier=None, batch_size: int = 128) -> Scorer:  # fmt: skip
+    """A scorer by registry name; an unknown name lists the valid ones. batch_size: rows per denoiser call of
+    the diffusion judge (GPU memory)."""
     if name == "toy":
         return ToyScorer(backend, classifier)
     if name == "diffusion":
-        return DiffusionScorer(backend, kind, templates)
+        return DiffusionScorer(backend, kind, templates, batch_size=batch_size)
     if name == "clip":
         return ClipScorer(backend, clip_path, kind, templates)
     raise ConfigError("scorer", f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")

@@ -68,3 +68,20 @@ def test_localize_node_ranks_groups(pack, demo):
     assert targets and all(".attn2.to_" in n for n in targets)  # the regex feeds Train's blocks_regex
     assert chart.shape[0] == 1 and chart.shape[-1] == 3
     assert report.startswith("chosen: ") and report.count("cross ") >= 5
+
+
+def test_train_node_defaults_are_the_recipe_of_every_front_end(pack, demo):
+    """SurgUn Train with its widgets as the schema sets them (numbers at 0: "the recipe's") builds the same
+    EraseConfig as `surgun erase` without options and the tab's balanced preset (tests/test_recipes.py)."""
+    tn = pack("nodes.train_node")
+    recipes = pack("surgun_core.recipes")
+    model, clip, _ = demo
+    defaults = {i.id: i.default for i in tn.SurgUnTrain.define_schema().inputs if i.id not in ("model", "clip")}
+    assert defaults["steps"] == defaults["rank"] == 0 and defaults["learning_rate"] == defaults["guidance"] == 0
+    defaults["concepts"] = "circle"
+    cfg = tn.train_config(tn.comfy_backend(model, clip), **defaults)
+    want = recipes.recipe_config("toy", ["circle"], "object")
+    assert cfg.recipe == "toy"
+    assert {k: v for k, v in cfg.to_dict().items() if k != "extra"} == {
+        k: v for k, v in want.to_dict().items() if k != "extra"
+    }

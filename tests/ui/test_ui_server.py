@@ -57,8 +57,9 @@ def server(tmp_path_factory):
 
 
 def _erase_args(concepts, distractors="", preset="quick", steps=0, lr=0.0, rank=0, blocks="auto", calibrate=True,
-                guidance=0.0, seed=0, lora_name=""):  # fmt: skip
-    return [concepts, distractors, "object", preset, steps, lr, rank, blocks, calibrate, guidance, seed, lora_name]
+                guidance=0.0, seed=0, lora_name="", robust=False):  # fmt: skip
+    return [concepts, distractors, "object", preset, steps, lr, rank, blocks, calibrate, guidance, seed, lora_name,
+            robust]  # fmt: skip
 
 
 def _json(value):

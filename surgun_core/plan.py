@@ -1,0 +1,365 @@
+"""What an erase will cost, before any work (`surgun erase --plan`): forwards per phase, peak memory, seconds.
+
+Forwards. erase() (surgun.py) counts every denoiser sample-forward by phase (meter.py: one row through the
+denoiser is 1, a row whose output is back-propagated 3). count_forwards() derives the same counts from the
+config and the model alone, phase for phase, in the meter's own phase names:
+  reference/probe images        the base model's probe images, judged first: the retain bar (and for
+  reference/judging              localization's probe set too, when it has fewer seeds and first fit is on)
+  training images               the training images, drawn by the first training run; the later runs find
+                                 them in the image cache
+  localization/training images  the same, when localization's first short run comes first (no first fit)
+  localization/training          per candidate group (engine/localize.candidate_groups) localize_steps steps
+  localization/probe images      per group, the probe set (localize_probe_seeds seeds) drawn with its LoRA on
+  localization/judging           per group, the judge on those images
+  training                       per full run, steps x the forwards of one step (engine/train.surgun_backward)
+  calibration/probe images       per scored checkpoint, the probe set (probe_seeds seeds)
+  calibration/judging            per scored checkpoint, the judge on those images
+What the judge sees decides part of the work (surgun.erase): with blocks="auto" and localize_first_fit the
+widest group (every level's cross-attention K/V) gets a full run first and is kept when its chosen step
+erases without a retain fall; else short runs rank the other groups (first fit among them too) and a
+second full run trains the chosen blocks. Calibration scores the last checkpoint first and stops there
+when it fits. The plan gives the most (the widest group let go after scoring every checkpoint, every other
+group run, a second run scored in full) and the fewest (the widest group kept on its last checkpoint).
+A sampler step is one row per image, two with classifier-free guidance (guidance != 1; sampling._guided).
+One training step: the target and distractor batches in one forward with a backward (3 per row, 2B rows;
+B rows without distractors or contrast), and with the retain anchor its no-grad reference (1 per row) and
+its forward with a backward (3 per row). The diffusion judge: images x timesteps x labels x label prompts.
+The plan assumes empty caches (no training image and no localization cached) and that every step runs
+(training stops early only on a non-finite loss); cached images cost nothing, so a rerun costs less.
+
+Memory: plan_memory.estimate_memory, at the largest batch of each kind (the training step's, and the
+largest no-grad one: training images or probe images with guidance, or the judge's batches).
+
+Seconds (time_forwards, on CUDA by default, on CPU with `--plan --time`): one training step and one sampler
+step are timed; seconds per sample-forward of each times the forwards of the training phases and of the
+no-grad phases (images, probe images, judging).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .backends.base import Backend
+from .config import EraseConfig
+from .engine.localize import candidate_groups
+from .engine.train import StepBatch, surgun_backward
+from .judges.probe import judge_for, probe_set
+from .judges.scorers import DiffusionScorer, Scorer
+from .lora import LoRASet
+from .meter import total
+from .plan_memory import MemoryEstimate, estimate_memory, lora_targets
+from .registry import AUTO_BLOCKS, SCORER_NAMES
+
+log = logging.getLogger(__name__)
+
+PROBE_SAMPLE_BATCH = 64  # images per sampler call in judges/probe.score_probe (Backend.sample's default)
+
+
+@dataclass
+class Plan:
+    """The cost of erase(backend, cfg) before it runs: forwards per phase, memory, and (when timed) seconds."""
+
+    forwards_by_phase: dict[str, int]  # the most an erase can cost (count_forwards' defaults)
+    fewest_by_phase: dict[str, int]  # the fewest: the widest group kept, its last checkpoint fits
+    architecture: str
+    recipe: str
+    device: str
+    precision: str
+    candidate_groups: int  # localization's block groups (0: fixed blocks)
+    checkpoints: int  # checkpoints kept per full run for calibration (0: no calibration)
+    assumptions: list[str] = field(default_factory=list)
+    memory: MemoryEstimate | None = None
+    memory_note: str = ""  # why there is no memory estimate, if there is none
+    seconds_per_forward: dict[str, float] | None = None  # "training", "inference"
+
+    @property
+    def forwards(self) -> int:
+        return total(self.forwards_by_phase)
+
+    @property
+    def fewest(self) -> int:
+        return total(self.fewest_by_phase)
+
+    @property
+    def seconds_by_phase(self) -> dict[str, float] | None:
+        if self.seconds_per_forward is None:
+            return None
+        return {k: v * self.seconds_per_forward[regime(k)] for k, v in self.forwards_by_phase.items()}
+
+    @property
+    def seconds(self) -> float | None:
+        by = self.seconds_by_phase
+        return None if by is None else sum(by.values())
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "memory"}
+        out.update(forwards=self.forwards, fewest=self.fewest, seconds_by_phase=self.seconds_by_phase,
+                   seconds=self.seconds, memory=self.memory.to_dict() if self.memory else None)  # fmt: skip
+        return out
+
+
+def regime(phase: str) -> str:
+    """ "training" for phases that train (a LoRA step), else "inference" (sampling and judging: no grad)."""
+    return "training" if phase.rsplit("/", 1)[-1] == "training" else "inference"
+
+
+def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = None, time_it: bool | None = None,
+               memory: bool = True) -> Plan:  # fmt: skip
+    """The plan of erase(backend, cfg, scorer=scorer). Nothing is trained, sampled or written.
+
+    Args:
+        time_it: time one training step and one sampler step (real work on the model, metered under the
+            phase "plan timing"); None: on CUDA only.
+        memory: estimate the peak memory (a shape-only trace of one forward).
+    """
+    auto = cfg.blocks.strip() == AUTO_BLOCKS
+    groups = len(candidate_groups(backend, cfg.localize_attention)) if auto else 0
+    ckpts = n_checkpoints(cfg)
+    first_fit = auto and cfg.localize_first_fit  # fewest: the widest group kept, its last checkpoint fits
+    fewest = count_forwards(backend, cfg, scorer, full_runs=[1 if first_fit else min(1, ckpts)],
+                            groups_run=0 if first_fit else None)  # fmt: skip
+    plan = Plan(count_forwards(backend, cfg, scorer), fewest, backend.architecture, cfg.recipe or "(none)",
+                str(backend.device), str(backend.dtype).removeprefix("torch."), groups, ckpts,
+                _assumptions(cfg))  # fmt: skip
+    if memory:
+        try:
+            rows = largest_no_grad_batch(backend, cfg, scorer)
+            plan.memory = estimate_memory(backend, cfg, inference_rows=rows, checkpoints=ckpts)
+        except Exception as e:  # a backend whose forward the shape-only trace cannot follow: say so, keep the plan
+            plan.memory_note = f"not estimated: the shape-only trace failed ({type(e).__name__}: {e})"
+            log.warning("memory %s", plan.memory_note)
+    if time_it if time_it is not None else backend.device.type == "cuda":
+        plan.seconds_per_forward = time_forwards(backend, cfg)
+    return plan
+
+
+def _assumptions(cfg: EraseConfig) -> list[str]:
+    out = ["empty caches: no training image and no localization cached yet (cached ones cost nothing)",
+           f"every training step runs ({cfg.steps}; a non-finite loss would end training early)"]  # fmt: skip
+    if cfg.scorer != "diffusion":
+        out.append(f"the {cfg.scorer} judge does not use the denoiser: judging costs no sample-forwards")
+    return out
+
+
+# ---- forwards ----------------------------------------------------------------------------------------------
+
+
+def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = None, *,
+                   full_runs: list[int] | None = None, groups_run: int | None = None) -> dict[str, int]:  # fmt: skip
+    """Sample-forwards per meter phase that erase(backend, cfg, scorer=scorer) does (phases with none left out).
+
+    What the judge decides sets two things, so they are arguments (default: the most an erase can cost):
+        full_runs: checkpoints scored in each full training run, in order (first fit: the widest group's
+            run, then, if it let retain fall, the localized blocks' run; otherwise one run).
+        groups_run: localization's short runs (0 when the widest group was kept).
+    outcome_of(backend, cfg, result) reads both from a finished erase.
+    """
+    auto = cfg.blocks.strip() == AUTO_BLOCKS
+    first_fit = auto and cfg.localize_first_fit
+    ckpts = n_checkpoints(cfg)
+    if full_runs is None:  # first fit: the widest group's run scored in full (or its last step), then another
+        full_runs = [ckpts or 1, ckpts] if first_fit else [ckpts]
+    if groups_run is None:
+        groups_run = len(candidate_groups(backend, cfg.localize_attention)) - first_fit if auto else 0
+    rows = 1 if cfg.guidance == 1.0 else 2  # rows per image per sampler step
+    probe = probe_set(cfg)
+    judge = _judge_cost(backend, cfg, scorer)
+    labels = len(probe.labels)
+    n_probe = len(probe.rows())
+    n_loc = labels * len(probe.templates) * min(cfg.probe_seeds, cfg.localize_probe_seeds)  # fewer seeds
+    out: dict[str, int] = {}
+
+    def add(phase: str, n: int) -> None:
+        out[phase] = out.get(phase, 0) + n
+
+    def score(phase: str, n_images: int, times: int = 1) -> None:  # judges/probe.score_probe, `times` times
+        add(f"{phase}/probe images", times * n_images * cfg.probe_steps * rows)
+        add(f"{phase}/judging", times * judge(n_images, labels))
+
+    if scorer is not None or auto or cfg.calibrate:  # erase() scores the base model first (the retain bar)
+        score("reference", n_probe)
+    if groups_run and first_fit and cfg.localize_probe_seeds < cfg.probe_seeds:  # localization's own probe set
+        score("reference", n_loc)
+    # the training images are drawn once, by the first training run (later runs find them in the image cache):
+    # without first fit that is localization's first short run
+    images = "localization/training images" if auto and not first_fit else "training images"
+    add(images, training_images(cfg) * cfg.sample_steps * rows)
+    add("localization/training", groups_run * cfg.localize_steps * step_forwards(cfg))
+    score("localization", n_loc, groups_run)
+    add("training", len(full_runs) * cfg.steps * step_forwards(cfg))
+    score("calibration", n_probe, sum(full_runs))
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
+def outcome_of(backend: Backend, cfg: EraseConfig, result) -> dict:
+    """What the judge decided in a finished erase(backend, cfg) (an EraseResult), as count_forwards' arguments:
+    count_forwards(backend, cfg, **outcome_of(backend, cfg, result)) is its result.forwards_by_phase."""
+    scored = len(result.calibration.curve) if result.calibration else 0
+    loc = result.localization
+    if not (cfg.blocks.strip() == AUTO_BLOCKS and cfg.localize_first_fit):
+        return {"full_runs": [scored], "groups_run": len(loc.groups) if loc else 0}
+    widest = max(candidate_groups(backend, cfg.localize_attention), key=lambda g: len(g.modules))
+    if loc.chosen == [widest.name]:  # kept after its full run (the others skip it)
+        return {"full_runs": [scored if cfg.calibrate else 1], "groups_run": 0}
+    # let go: its last checkpoint did not fit, so calibration scored every checkpoint of that run
+    return {"full_runs": [n_checkpoints(cfg) or 1, scored], "groups_run": len(loc.groups)}
+
+
+def training_images(cfg: EraseConfig) -> int:
+    """Images the frozen model draws for training (engine/train.train_delta): targets, distractors, retain."""
+    n = len(cfg.concepts) * cfg.images_per_concept + len(cfg.resolved_distractors()) * cfg.images_per_concept
+    if cfg.use_retain and cfg.retain_prompts:  # user retain prompts get their own images (train._retain_images)
+        n += len(cfg.retain_prompts) * max(2, cfg.images_per_concept // 4)
+    return n
+
+
+def step_forwards(cfg: EraseConfig) -> int:
+    """Sample-forwards of one training step (engine/train.surgun_backward), a backward counting 2."""
+    B = cfg.batch_size
+    n = 3 * B * (2 if cfg.use_distractors or cfg.use_contrast else 1)  # target (+ distractor) batch, backward
+    if cfg.use_retain:
+        n += B + 3 * B  # the frozen reference (no grad), then the LoRA's forward with its backward
+    return n
+
+
+def n_checkpoints(cfg: EraseConfig) -> int:
+    """Checkpoints calibration scores: every checkpoint_interval steps, and the last step if not one of them."""
+    if not cfg.calibrate:
+        return 0
+    every = cfg.checkpoint_interval
+    return cfg.steps // every + (1 if cfg.steps % every else 0)
+
+
+def _judge(backend: Backend, cfg: EraseConfig, scorer: Scorer | None) -> Scorer | None:
+    """The judge erase() uses: `scorer`, else cfg.scorer's as make_scorer builds it (the diffusion judge; the toy
+    classifier and CLIP judge without the denoiser, so their cost is none)."""
+    if scorer is None and cfg.scorer == "diffusion":
+        return judge_for(cfg, backend)
+    return scorer
+
+
+def _judge_cost(backend: Backend, cfg: EraseConfig, scorer: Scorer | None):
+    """(images, labels) -> sample-forwards of one judging call."""
+    judge = _judge(backend, cfg, scorer)
+    if isinstance(judge, DiffusionScorer):  # every image x timestep under every label's prompts
+        return lambda n, labels: n * judge.timesteps * labels * len(judge.templates)
+    return lambda n, labels: 0
+
+
+assert set(SCORER_NAMES) == {"diffusion", "toy", "clip"}  # a new judge needs its cost in _judge_cost
+
+
+def largest_no_grad_batch(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = None) -> int:
+    """Rows of erase's largest no-grad forward: training or probe images (x2 with guidance), or a judge batch."""
+    rows = 1 if cfg.guidance == 1.0 else 2
+    probe = len(probe_set(cfg).rows())
+    out = [rows * min(cfg.sample_batch_size, training_images(cfg)), rows * min(cfg.sample_batch_size, probe)]
+    judge = _judge(backend, cfg, scorer)
+    judged = scorer is not None or cfg.blocks.strip() == AUTO_BLOCKS or cfg.calibrate
+    if judged and isinstance(judge, DiffusionScorer):
+        out.append(min(judge.batch_size, probe * judge.timesteps))  # one label prompt at a time over the batch
+    return max(out)
+
+
+# ---- seconds -----------------------------------------------------------------------------------------------
+
+
+def time_forwards(backend: Backend, cfg: EraseConfig, sampler_steps: int = 2) -> dict[str, float]:
+    """Seconds per sample-forward: "training" from one training step, "inference" from one sampler call.
+
+    Real work on the model, metered under "plan timing". On CUDA each is run once untimed first (kernel
+    selection and caches warm up); on a CPU the single timed run includes that warm-up.
+    """
+    warm = backend.device.type == "cuda"
+    with backend.meter.phase("plan timing"):
+        prompts = [f"a photo of {cfg.concepts[0]}"] * min(cfg.sample_batch_size, 64)
+        seeds = list(range(len(prompts)))
+        sample = lambda: backend.sample(prompts, seeds, sampler_steps, cfg.guidance, batch_size=len(prompts))  # noqa: E731
+        inference = _per_forward(backend, sample, warm)
+        lset = LoRASet(lora_targets(backend, cfg), cfg.rank, cfg.alpha).attach()
+        try:
+            opt = torch.optim.AdamW(list(lset.parameters()), lr=cfg.lr)
+            ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else warm
+            with backend.gradient_checkpointing(ckpt):
+                training = _per_forward(backend, lambda: training_step(backend, cfg, lset, opt), warm)
+        finally:
+            lset.detach()
+    return {"training": training, "inference": inference}
+
+
+def _per_forward(backend: Backend, fn, warm: bool) -> float:
+    if warm:
+        fn()
+    _sync(backend)
+    before = total(backend.meter.counts)
+    t0 = time.perf_counter()
+    fn()
+    _sync(backend)
+    return (time.perf_counter() - t0) / max(1, total(backend.meter.counts) - before)
+
+
+def _sync(backend: Backend) -> None:
+    if backend.device.type == "cuda":
+        torch.cuda.synchronize(backend.device)
+
+
+def training_step(backend: Backend, cfg: EraseConfig, lset: LoRASet, opt: torch.optim.Optimizer,
+                  seed: int = 0) -> torch.Tensor:  # fmt: skip
+    """One step of the training loop (engine/train.py) on random latents: the loop's own surgun_backward,
+    gradient clipping and the optimizer step, at cfg.batch_size with cfg's loss terms. Returns the loss."""
+    g = torch.Generator().manual_seed(seed)
+    B, dev, dt = cfg.batch_size, backend.device, backend.dtype
+    shape = (B, *backend.latent_shape())
+    rand = lambda: torch.randn(shape, generator=g).to(dev, dt)  # noqa: E731
+    c = backend.encode([f"a photo of {cfg.concepts[0]}"] * B)
+    b = StepBatch(rand(), c, backend.objective.sample_t(B, g), rand())
+    if cfg.use_distractors or cfg.use_contrast:
+        b.x_D, b.noise_D = rand(), rand()
+    if cfg.use_retain:
+        b.x_R, b.c_R, b.noise_R = rand(), c, rand()
+    opt.zero_grad(set_to_none=True)
+    L = surgun_backward(backend, cfg, lset, b)[0]
+    torch.nn.utils.clip_grad_norm_(list(lset.parameters()), cfg.max_grad_norm)
+    opt.step()
+    return L
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table: phase, forwards (the most, and the fewest where the judge can end a stage early),
+    share, seconds when timed; then memory and what the plan assumes."""
+    secs = plan.seconds_by_phase
+    few = plan.fewest_by_phase != plan.forwards_by_phase
+    head = f"{'phase':<32} {'forwards':>12}" + (f" {'fewest':>12}" if few else "") + f" {'share':>7}"
+    lines = [f"plan: {plan.architecture}, recipe {plan.recipe}, {plan.precision} on {plan.device}",
+             head + (f" {'seconds':>9}" if secs else "")]  # fmt: skip
+    rows = [(k, v, plan.fewest_by_phase.get(k, 0), secs[k] if secs else 0.0) for k, v in plan.forwards_by_phase.items()]
+    rows.append(("total", plan.forwards, plan.fewest, plan.seconds or 0.0))
+    for phase, n, f, sec in rows:
+        row = f"{phase:<32} {n:>12,}" + (f" {f:>12,}" if few else "") + f" {n / max(1, plan.forwards):>7.1%}"
+        lines.append(row + (f" {sec:>9.1f}" if secs else ""))
+    if plan.candidate_groups:
+        lines.append(f"localization: {plan.candidate_groups} candidate block groups")
+    if plan.checkpoints:
+        lines.append(f"calibration: {plan.checkpoints} checkpoints")
+    if few:
+        lines.append("fewest: when the judge keeps the widest block group on its last checkpoint (it erases "
+                     "without a retain fall); the most: when it lets it go and every other group runs")  # fmt: skip
+    m = plan.memory
+    if m is not None:
+        lines.append(f"estimated peak memory: {m.peak_mb:,.0f} MB (training step {m.training_peak_mb:,.0f} MB "
+                     f"at {m.train_rows} rows, checkpointing {'on' if m.checkpointing else 'off'}; largest no-grad "
+                     f"batch {m.inference_peak_mb:,.0f} MB at {m.inference_rows} rows; weights "
+                     f"{m.weights_mb + m.other_weights_mb:,.0f} MB)")  # fmt: skip
+    elif plan.memory_note:
+        lines.append(f"memory: {plan.memory_note}")
+    lines.append(f"seconds: the most, from {plan.seconds_per_forward}" if secs else
+                 "seconds: not timed (on a GPU they are; on a CPU add --time)")  # fmt: skip
+    lines += [f"assumes: {a}" for a in plan.assumptions]
+    return "\n".join(lines)

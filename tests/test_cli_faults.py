@@ -1,0 +1,601 @@
+"""Bad input and faults (issue 14, section 4): each is refused with one line on stderr that names the setting and
+what to do, exit 2 (a usage error) or 1 (a failure), no traceback unless -v, and no file left behind.
+
+Read-only mounts and full disks are real: a tmpfs in a private mount namespace (`unshare -rm`, no root needed
+where user namespaces are allowed; skipped with the reason elsewhere). A read-only folder for a non-root user
+is real too: as root, the check runs without the capabilities that let root write anywhere.
+"""
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from surgun_core import io as surgun_io
+from surgun_core.cli import build_parser, main
+from surgun_core.commands.common import wrote
+from surgun_core.commands.erase import erase_config, settings_from
+from surgun_core.commands.progress import TqdmProgress
+from surgun_core.config import EraseConfig
+from surgun_core.demo import run_demo
+from surgun_core.errors import Cancelled, ConfigError, SurgUnError
+from surgun_core.grid import save_png
+from surgun_core.io import atomic_path, check_writable, write_json
+from surgun_core.lora import LoraDelta
+from surgun_core.testing import save_tiny_folder, tiny_sd1_backend
+from surgun_core.toyworld.world import COLOURS
+
+PY = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SURGUN_CACHE": "", "PYTHONDONTWRITEBYTECODE": "1"}
+# the whole method but tiny (as tests/test_cli.py); fixed blocks skip localization unless a test wants it
+FAST = {"images_per_concept": 2, "sample_steps": 2, "templates": ["a {}"], "localize_steps": 1, "probe_seeds": 1,
+        "probe_retained": 1}  # fmt: skip
+ERASE = ["erase", "--model", "toy", "--concept", "circle", "--distractor", "square", "--distractor", "ring"]
+INTERRUPTED = "surgun: interrupted; nothing was written"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def last_line(err: str) -> str:
+    """The last line a terminal shows: progress bars redraw with carriage returns, so take what follows them."""
+    return err.strip().splitlines()[-1].split("\r")[-1].strip() if err.strip() else ""
+
+
+def assert_one_line(err: str, field: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"surgun: error: {field}:"), err
+    assert all(n in lines[0] for n in needles), err
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def fast_config(tmp_path):
+    p = tmp_path / "fast.json"
+    p.write_text(json.dumps(FAST))
+    return p
+
+
+def _userns() -> str | None:
+    """Why a private mount namespace cannot be had here, or None when it can."""
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"], capture_output=True)
+    return None if r.returncode == 0 else f"no private mounts here ({r.stderr.decode().strip()})"
+
+
+NO_USERNS = _userns()
+needs_mounts = pytest.mark.skipif(NO_USERNS is not None, reason=f"{NO_USERNS}")
+
+
+def in_mount(mnt: Path, options: str, script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `script` (sh) with a fresh tmpfs at `mnt` mounted with `options`, in a private mount namespace."""
+    mnt.mkdir(exist_ok=True)
+    sh = f"set -e; mount -t tmpfs -o {options} tmpfs {mnt}; {script}"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", sh], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+# ---- --out: checked before any work --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["folder", "under a file"])
+def test_out_that_cannot_be_a_file_is_refused_before_any_work(tmp_path, capsys, fast_config, case):
+    (tmp_path / "taken.safetensors").mkdir()
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "taken.safetensors" if case == "folder" else tmp_path / "file" / "d.safetensors"
+    before = files_in(tmp_path)
+    code, _, err = run(capsys, *ERASE, "--config", fast_config, "--out", out)
+    assert code == 2
+    assert_one_line(err, "out", "folder")
+    assert files_in(tmp_path) == before
+
+
+def test_a_full_disk_stand_in_is_refused_before_any_work(tmp_path, capsys, monkeypatch, fast_config):
+    # A stand-in for a full disk that runs anywhere: the probe write fails as on one (ENOSPC). The real full
+    # tmpfs is test_full_disk_and_read_only_mount_are_refused_before_any_work.
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(surgun_io.os, "write", full)
+    code, _, err = run(capsys, *ERASE, "--config", fast_config, "--out", tmp_path / "new" / "d.safetensors")
+    assert code == 2
+    assert_one_line(err, "out", "No space left on device", "free some space")
+    assert files_in(tmp_path) == ["fast.json"]  # neither the probe file nor the folder
+
+
+def test_a_writable_path_is_checked_without_a_trace(tmp_path):
+    assert check_writable(tmp_path / "a" / "b" / "d.safetensors") == tmp_path / "a" / "b" / "d.safetensors"
+    assert check_writable(tmp_path / "out", folder=True) == tmp_path / "out"
+    assert files_in(tmp_path) == []
+    with pytest.raises(ConfigError, match="not a regular file"):  # os.replace would swap out the device node
+        check_writable("/dev/null")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder") as e:
+        check_writable(tmp_path / "f", "json", folder=True)
+    assert e.value.field == "json"
+
+
+def test_demo_out_is_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "file")
+    assert code == 2
+    assert_one_line(err, "out", "is a file, not a folder")
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "o", "--json", tmp_path / "file" / "m.json")
+    assert code == 2
+    assert_one_line(err, "json", "is a file, not a folder")
+    assert files_in(tmp_path) == ["file"]
+
+
+def test_a_failed_write_removes_the_folders_it_made(tmp_path):
+    with pytest.raises(RuntimeError, match="half way"), atomic_path(tmp_path / "a" / "b" / "x.json") as tmp:
+        tmp.write_text("{")
+        raise RuntimeError("half way")
+    assert files_in(tmp_path) == []
+
+
+def test_read_only_folder_for_a_non_root_user(tmp_path):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    target = folder / "d.safetensors"
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        with pytest.raises(ConfigError, match="Permission denied"):
+            check_writable(target)
+        return
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot drop root's right to write anywhere")
+    # root without CAP_DAC_OVERRIDE is checked like any user: the folder is nobody's, mode 0755
+    os.chown(folder, 65534, 65534)
+    code = f"from surgun_core.io import check_writable\ncheck_writable({str(target)!r})"
+    r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", PY, "-c", code],
+                       capture_output=True, text=True, env=ENV, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and "ConfigError: out: cannot write in" in r.stderr
+    assert "Permission denied" in r.stderr and "give a folder you own" in r.stderr
+    assert files_in(folder) == []
+
+
+@needs_mounts
+def test_full_disk_and_read_only_mount_are_refused_before_any_work(tmp_path):
+    mnt = tmp_path / "m"
+    check = shlex.quote(f"from surgun_core.io import check_writable\ntry:\n    check_writable({str(mnt / 'd')!r})\n"
+                        "except Exception as e:\n    print(e)")  # fmt: skip
+    fill = f"dd if=/dev/zero of={mnt}/fill bs=4k count=8 2>/dev/null || true"  # 16 KiB: full after 4 blocks
+    full = in_mount(mnt, "size=16k", f"{fill}; {PY} -c {check}")
+    assert full.stdout.strip() == (f"out: cannot write in {mnt} (No space left on device); free some space there "
+                                   "or give a path on another disk"), full  # fmt: skip
+    ro = in_mount(mnt, "ro,size=16k", f"{PY} -c {check}")
+    assert ro.stdout.strip() == (f"out: cannot write in {mnt} (Read-only file system); that file system is "
+                                 "mounted read-only: give a path on a writable one"), ro  # fmt: skip
+
+
+@needs_mounts
+def test_clean_up_on_a_read_only_mount_does_not_hide_the_first_error(tmp_path):
+    # The mount turns read-only while the temp file exists: the body's error must surface, not unlink's.
+    mnt = tmp_path / "m"
+    code = (f"import subprocess\nfrom surgun_core.io import atomic_path\n"
+            f"with atomic_path({str(mnt / 'd.json')!r}) as tmp:\n"
+            f"    tmp.write_text('{{}}')\n"
+            f"    subprocess.run(['mount', '-o', 'remount,ro', {str(mnt)!r}], check=True)\n"
+            f"    raise RuntimeError('the first error')\n")  # fmt: skip
+    r = in_mount(mnt, "size=64k", f"{PY} -c {shlex.quote(code)} || true")
+    assert "RuntimeError: the first error" in r.stderr, r.stderr
+    assert "During handling" not in r.stderr and "Read-only" in r.stderr  # the clean-up's failure: a warning only
+
+
+@pytest.mark.slow
+@needs_mounts
+def test_command_on_a_read_only_mount_and_a_disk_that_fills_during_the_erase(tmp_path, fast_config):
+    mnt = tmp_path / "m"
+    cmd = f"{PY} -m surgun_core.cli " + " ".join(ERASE) + f" --config {fast_config} --blocks cross-attn-kv --steps 1"
+    # read-only: refused at once, exit 2, one line
+    ro = in_mount(mnt, "ro,size=64k", f"{cmd} --out {mnt}/d.safetensors || echo rc=$?", timeout=240)
+    assert ro.stdout.strip() == "rc=2", ro
+    want = (f"surgun: error: out: cannot write in {mnt} (Read-only file system); that file system is mounted "
+            "read-only: give a path on a writable one")  # fmt: skip
+    assert ro.stderr.strip().splitlines() == [want]
+    # 16 KiB: the probe file fits, the delta (about 40 KiB) does not: the erase runs, then saving fails. The
+    # late failure is exit 1 and one line; the full disk keeps no part of the delta.
+    full = in_mount(mnt, "size=16k", f"{cmd} --out {mnt}/d.safetensors || echo rc=$?; ls -A {mnt}", timeout=240)
+    assert full.stdout.strip() == "rc=1", full
+    assert "Traceback" not in full.stderr
+    assert last_line(full.stderr) == (f"surgun: error: out: could not write {mnt}/d.safetensors (No space left on "
+                                      "device), so nothing was written; free some space there or give a path on "
+                                      "another disk, then run again")  # fmt: skip
+
+
+# ---- --config --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "field", "needles"),
+    [
+        ('{"steps": 3,\n  "lr": 0.1,}', "config", ["is not valid JSON", "line 2, column 13", "trailing commas"]),
+        ('["steps", 3]', "config", ["holds a JSON list", "one object of settings"]),
+        ("", "config", ["is not valid JSON", "line 1, column 1"]),
+        (None, "config", ["does not exist", "JSON file of settings"]),
+        ("folder", "config", ["is a folder"]),
+        ('{"calibrate": "no"}', "calibrate", ["must be true or false", "without quotes"]),
+        ('{"seed": "abc"}', "seed", ["must be a whole number >= 0"]),
+    ],
+)
+def test_config_file_errors(tmp_path, capsys, content, field, needles):
+    cfg = tmp_path / "c.json"
+    if content == "folder":
+        cfg.mkdir()
+    elif content is not None:
+        cfg.write_text(content)
+    code, _, err = run(capsys, *ERASE, "--config", cfg, "--out", tmp_path / "d.safetensors")
+    assert code == 2
+    assert_one_line(err, field, *needles, *([str(cfg)] if field == "config" else []))
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_kind_from_the_config_file_is_kept_unless_the_flag_is_given(tmp_path, toy_backend):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"kind": "style"}))
+    base = ["erase", "--model", "m", "--out", "d.safetensors", "--config", str(cfg)]
+    a = build_parser().parse_args([*base, "--concept", "red"])
+    toy = erase_config(settings_from(a), toy_backend)
+    assert toy.kind == "style" and toy.resolved_distractors() == [c for c in COLOURS if c != "red"]
+    sd = erase_config(settings_from(build_parser().parse_args([*base, "--concept", "Monet"])), tiny_sd1_backend())
+    assert (
+        sd.kind == "style" and "Pablo Picasso" in sd.resolved_distractors() and "dog" not in sd.resolved_distractors()
+    )
+    flag = erase_config(settings_from(build_parser().parse_args([*base, "--concept", "circle", "--kind", "object"])),
+                        toy_backend)  # fmt: skip
+    assert flag.kind == "object" and "square" in flag.resolved_distractors()
+
+
+# ---- EraseConfig checks every field's type -------------------------------------------------------------------
+
+
+def _bad(type_name: str):
+    """A value of the wrong type for a field annotated `type_name`, and the words its error must hold."""
+    if "bool" in type_name:
+        return "false", "true or false"
+    if type_name.startswith("int"):
+        return 2.0, "whole number"
+    if type_name.startswith("float"):
+        return "0.5", "number"
+    if type_name.startswith("list"):
+        return {"a": 1}, "list of strings"
+    if type_name.startswith("dict"):
+        return ["x"], "dictionary"
+    return 5, "string"  # str, Kind
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(EraseConfig)])
+def test_every_field_is_type_checked(name):
+    value, words = _bad(str(next(f.type for f in fields(EraseConfig) if f.name == name)))
+    with pytest.raises(ConfigError) as e:
+        EraseConfig(**{"concepts": ["circle"], name: value})
+    assert e.value.field == name and words in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "words"),
+    [
+        ({"calibrate": "no"}, "calibrate", "true or false, got 'no' (a string"),
+        ({"use_contrast": "false"}, "use_contrast", "true or false"),
+        ({"gradient_checkpointing": 1}, "gradient_checkpointing", "true or false"),
+        ({"seed": "abc"}, "seed", "whole number >= 0"),
+        ({"seed": -1}, "seed", "whole number >= 0"),
+        ({"seed": True}, "seed", "whole number >= 0"),
+        ({"steps": "10"}, "steps", "whole number >= 1, got '10' (a string"),
+        ({"checkpoint_every": True}, "checkpoint_every", "whole number >= 0"),
+        ({"device": 5}, "device", "must be a string"),
+        ({"device": " "}, "device", "is empty"),
+        ({"erase_threshold": True}, "erase_threshold", "(0, 1]"),
+        ({"w_retain": False}, "w_retain", "finite number"),
+        ({"templates": "a {}", "probe_templates": 3}, "probe_templates", "list of strings"),
+        ({"recipe": None}, "recipe", "must be a string"),
+        ({"extra": {"when": object()}}, "extra", "JSON values only"),
+        ({"clip_path": 3}, "clip_path", "must be a string"),
+    ],
+)
+def test_issue_cases_name_the_field_and_the_expected_type(settings, field, words):
+    with pytest.raises(ConfigError) as e:
+        EraseConfig.from_dict({"concepts": ["circle"], **settings})
+    assert e.value.field == field and words in str(e.value)
+
+
+def test_valid_values_still_pass():
+    cfg = EraseConfig(["circle"], seed=0, calibrate=False, gradient_checkpointing=None, extra={"a": [1, "b"]},
+                      device="cpu", w_retain=0, guidance=7, erase_threshold=1)  # fmt: skip
+    assert cfg.calibrate is False and cfg.extra == {"a": [1, "b"]}
+
+
+# ---- the model: device, folder -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_names_the_device(tmp_path, capsys, fast_config):
+    code, _, err = run(capsys, *ERASE, "--config", fast_config, "--device", "cuda", "--out", tmp_path / "d.safetensors")
+    assert code == 2
+    assert_one_line(err, "device", "CUDA is not available here", "--device cpu")
+    assert files_in(tmp_path) == ["fast.json"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_folder("sd1", tmp_path_factory.mktemp("tiny") / "sd1")
+
+
+def _truncate(f: Path) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "needles"),
+    [
+        ("missing", ["does not exist"]),
+        ("no scheduler", ["no scheduler/scheduler_config.json", "incomplete"]),
+        ("truncated unet", ["the unet cannot be read", "truncated", "copy or download it again"]),
+        ("truncated text encoder", ["the text encoder cannot be read", "truncated"]),
+        ("broken vae config", ["the vae cannot be read"]),
+    ],
+)
+def test_broken_model_folder_is_one_line(tmp_path, capsys, tiny_folder, damage, needles):
+    model = tmp_path / "model"
+    if damage != "missing":
+        shutil.copytree(tiny_folder, model)
+    if damage == "no scheduler":
+        shutil.rmtree(model / "scheduler")
+    elif damage == "truncated unet":
+        _truncate(model / "unet" / "diffusion_pytorch_model.safetensors")
+    elif damage == "truncated text encoder":
+        _truncate(model / "text_encoder" / "model.safetensors")
+    elif damage == "broken vae config":
+        (model / "vae" / "config.json").write_text('{"_class_name": ')
+    before = files_in(tmp_path)
+    code, _, err = run(capsys, "erase", "--model", model, "--concept", "cat", "--out", tmp_path / "d.safetensors")
+    assert code == 2
+    assert_one_line(err, "model", str(model), *needles)
+    assert files_in(tmp_path) == before
+
+
+# ---- exit codes, -v, Ctrl-C ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (ConfigError("steps", "must be a whole number"), 2, "surgun: error: steps: must be a whole number"),
+        (SurgUnError("the toy model is missing"), 1, "surgun: error: the toy model is missing"),
+        (OSError(28, "No space left on device", "/x/y"), 1, "surgun: error: No space left on device (/x/y)"),
+        (KeyboardInterrupt(), 130, INTERRUPTED),
+        (Cancelled("erase cancelled by the user; nothing was written"), 130,
+         "surgun: erase cancelled by the user; nothing was written"),
+    ],
+)  # fmt: skip
+def test_exit_codes(capsys, monkeypatch, error, code, line):
+    # main's mapping from what a command raised to exit code and message; the command is replaced by one that
+    # raises (the real faults behind each are tested above and below)
+    def command(a):
+        raise error
+
+    monkeypatch.setattr("surgun_core.cli._handler", lambda spec: command)
+    assert run(capsys, "demo")[::2] == (code, line + "\n")
+
+
+def test_verbose_logs_the_traceback(tmp_path, capsys, caplog):
+    code, _, err = run(capsys, "-v", "erase", "--model", tmp_path / "nope", "--concept", "x",
+                       "--out", tmp_path / "d.safetensors")  # fmt: skip
+    assert code == 2 and last_line(err).startswith("surgun: error: model:")
+    assert any(r.exc_info and "does not exist" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_console_script_usage_error_is_one_line_without_traceback(tmp_path):
+    script = Path(PY).parent / "surgun"
+    cmd = [str(script)] if script.exists() else [PY, "-m", "surgun_core.cli"]
+    (tmp_path / "c.json").write_text("{oops")
+    r = subprocess.run([*cmd, *ERASE, "--config", tmp_path / "c.json", "--out", tmp_path / "d.safetensors"],
+                       capture_output=True, text=True, env=ENV, timeout=240)  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"surgun: error: config: {tmp_path / 'c.json'} is not valid JSON: Expecting property name enclosed in "
+        "double quotes at line 1, column 2; fix it (keys and text in double quotes, no trailing commas, "
+        "true/false in lower case)"
+    ]
+
+
+@pytest.mark.parametrize("entry", ["python -m", "console script"])
+@pytest.mark.parametrize("delay", [0.5, 1.5])
+def test_ctrl_c_while_libraries_load(tmp_path, entry, delay):
+    script = Path(PY).parent / "surgun"
+    if entry == "console script" and not script.exists():
+        pytest.skip(f"no console script at {script}")
+    cmd = [str(script)] if entry == "console script" else [PY, "-m", "surgun_core.cli"]
+    p = subprocess.Popen([*cmd, *ERASE, "--out", tmp_path / "d.safetensors"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=ENV)  # fmt: skip
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    # 130. Under `python -m` only, CPython itself may end the process by SIGINT after main returned 130 (its
+    # Py_RunMain re-raises the signal when a KeyboardInterrupt went through a C extension's nested PyRun call;
+    # seen once in 50 runs before Ctrl-C was deferred while the libraries load); a shell shows 130 for both.
+    assert p.returncode == 130 or (entry == "python -m" and p.returncode == -signal.SIGINT), err
+    if delay < 1:  # still importing: exactly one line
+        assert err.decode().strip() == INTERRUPTED
+    assert "Traceback" not in err.decode() and last_line(err.decode()) == INTERRUPTED
+    assert files_in(tmp_path) == []
+
+
+def _pressed_while_loading(a):
+    signal.raise_signal(signal.SIGINT)  # Ctrl-C while the command's libraries load (deferred until they have)
+    return 0
+
+
+def _turned_into_another_error(a):
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt as e:  # what diffusers' lazy import did with it: "Failed to import ..."
+        raise RuntimeError("Failed to import diffusers.models.unets.unet_2d_condition") from e
+    return 0
+
+
+def _swallowed(a):
+    with contextlib.suppress(KeyboardInterrupt):  # a library that catches everything and goes on
+        signal.raise_signal(signal.SIGINT)
+    TqdmProgress()("train", 1, 10, {})  # the next progress report stops the run
+    raise AssertionError("the run went on after Ctrl-C")
+
+
+@pytest.mark.parametrize("case", ["deferred", "another error", "swallowed"])
+def test_ctrl_c_that_a_library_mishandles_is_still_an_interrupt(capsys, monkeypatch, case):
+    # What libraries did with Ctrl-C at random times during `surgun erase`'s start-up (measured: an abort inside
+    # torch's C++ start-up, a RuntimeError from diffusers, a swallowed interrupt). Their timing cannot be hit on
+    # purpose, so each is played by a stand-in command that receives a real SIGINT.
+    if case == "deferred":  # the stand-in for the command's module import runs inside the deferral
+        monkeypatch.setattr("surgun_core.cli._handler", lambda spec: _pressed_while_loading(None) or (lambda a: 0))
+    else:
+        command = _turned_into_another_error if case == "another error" else _swallowed
+        monkeypatch.setattr("surgun_core.cli._handler", lambda spec: command)
+    assert run(capsys, "demo")[::2] == (130, INTERRUPTED + "\n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after the command
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_erasing_ends_cleanly(tmp_path, fast_config):
+    # a real SIGINT once the training bar is on the screen
+    out = tmp_path / "out" / "d.safetensors"
+    p = subprocess.Popen([PY, "-m", "surgun_core.cli", *ERASE, "--config", fast_config, "--blocks", "cross-attn-kv",
+                          "--steps", "100000", "--out", out], stderr=subprocess.PIPE, env=ENV)  # fmt: skip
+    buf = bytearray()
+    reader = threading.Thread(target=lambda: [buf.extend(c) for c in iter(lambda: p.stderr.read1(4096), b"")])
+    reader.start()
+    deadline = time.time() + 240
+    while b"erasing" not in buf and p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert b"erasing" in buf, buf.decode()
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=120)
+    reader.join(timeout=10)
+    err = buf.decode()
+    assert p.returncode == 130 and "Traceback" not in err and last_line(err) == INTERRUPTED
+    assert files_in(tmp_path) == ["fast.json"]
+
+
+@pytest.mark.parametrize(
+    ("phase", "blocks"),
+    [("localize", "auto"), ("images", "cross-attn-kv"), ("train", "cross-attn-kv"), ("calibrate", "cross-attn-kv")],
+)
+def test_ctrl_c_in_each_phase_writes_nothing(tmp_path, capsys, monkeypatch, fast_config, phase, blocks):
+    # A real SIGINT, raised in this process when the phase reports progress (through the command's own bar):
+    # Python turns it into KeyboardInterrupt wherever the engine is, as at a terminal.
+    shown = TqdmProgress.__call__
+
+    def call(self, ph, done, total, stats):
+        shown(self, ph, done, total, stats)
+        if ph == phase:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(TqdmProgress, "__call__", call)
+    code, _, err = run(capsys, *ERASE, "--config", fast_config, "--blocks", blocks, "--steps", 2,
+                       "--out", tmp_path / "out" / "d.safetensors")  # fmt: skip
+    assert code == 130 and last_line(err) == INTERRUPTED and "Traceback" not in err
+    assert files_in(tmp_path) == ["fast.json"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_demo_evaluates_writes_nothing(tmp_path):
+    def progress(phase, done, total, stats):
+        if phase == "evaluate":
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_demo("circle", tmp_path / "o", seeds_per_pair=1, progress=progress, steps=1, blocks="cross-attn-kv",
+                 calibrate=False, images_per_concept=2, sample_steps=2)  # fmt: skip
+    assert files_in(tmp_path) == []
+
+
+def test_every_phase_bar_shows_an_eta(capsys):
+    bar = TqdmProgress()
+    for phase in ("localize", "images", "train", "calibrate", "evaluate", "probe"):
+        for done in range(4):
+            bar(phase, done, 10, {})
+            time.sleep(0.02)
+        err = capsys.readouterr().err
+        assert TqdmProgress.LABELS[phase] in err
+        assert "3/10 [00:00<00:00" in err, err  # elapsed < remaining: the rate gives an ETA
+    bar.close()
+
+
+# ---- modes and replaced files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077, 0o002])
+def test_written_files_honour_the_umask(tmp_path, mask):
+    delta = LoraDelta({"blocks.0.attn2.to_k": (torch.ones(2, 4), torch.ones(4, 2), 2.0)})
+    old = os.umask(mask)
+    try:
+        paths = [delta.save(tmp_path / "d.safetensors"), write_json(tmp_path / "m.json", {"a": 1})]
+        save_png(Image.new("RGB", (2, 2)), tmp_path / "g.png")
+    finally:
+        os.umask(old)
+    for p in [*paths, tmp_path / "g.png"]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
+
+
+def test_the_second_writer_says_it_replaced_the_file(tmp_path):
+    delta = LoraDelta({"blocks.0.attn2.to_k": (torch.ones(2, 4), torch.ones(4, 2), 2.0)})
+    first, second = delta.write(tmp_path / "d.safetensors"), delta.write(tmp_path / "d.safetensors")
+    assert (first.replaced, second.replaced) == (False, True)
+    assert wrote(second) == f"wrote {tmp_path / 'd.safetensors'} (replaced an existing file)"
+    assert wrote(first) == f"wrote {tmp_path / 'd.safetensors'}"
+
+
+def test_erase_says_it_replaced_an_earlier_delta_and_shows_eta_bars(tmp_path, capsys, fast_config):
+    out = tmp_path / "d.safetensors"
+    out.write_bytes(b"an earlier run's delta")
+    old = os.umask(0o027)
+    try:
+        code, stdout, err = run(capsys, *ERASE, "--config", fast_config, "--blocks", "cross-attn-kv", "--steps", 2,
+                                "--out", out)  # fmt: skip
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stdout.startswith(f"wrote {out} (replaced an existing file): ")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640 and files_in(tmp_path) == ["d.safetensors", "fast.json"]
+    for label in ("generating training images", "erasing", "calibrating"):
+        assert re.search(re.escape(label) + r".*\| 2/2 \[\d\d:\d\d<\d\d:\d\d", err), label  # with an ETA
+
+
+def test_concurrent_writers_exactly_one_creates_the_file(tmp_path):
+    target, n = tmp_path / "d.json", 8
+    gate, replaced = threading.Barrier(n), {}
+
+    def writer(i):
+        w = atomic_path(target)
+        with w as tmp:
+            tmp.write_text(json.dumps({"writer": i, "pad": "x" * 100_000}))
+            gate.wait()
+        replaced[i] = w.replaced
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(replaced.values()) == [False] + [True] * (n - 1)
+    assert json.loads(target.read_text())["writer"] in range(n)  # whole: one writer's file
+    assert files_in(tmp_path) == ["d.json"]
