@@ -73,8 +73,9 @@ RECIPES: dict[str, Recipe] = {
     # 1024 px latents: 4 images per sampler call and per training batch, so an erase fits a 12 GB card (the plan's
     # estimate for a training step in fp16 with checkpointing: 15.9 GB at batch 8, 11.4 GB at batch 4)
     "sdxl": Recipe("sdxl", "Stable Diffusion XL UNets (1024 px)", dict(sample_batch_size=4, batch_size=4)),
-    "flow": Recipe("flow", "flow-matching DiTs (SD3, Flux, SANA)", dict(sample_batch_size=4),
-                   robust={"blocks": "dit-attn"}),
+    "flow": Recipe(
+        "flow", "flow-matching DiTs (SD3, Flux, SANA)", dict(sample_batch_size=4), robust={"blocks": "dit-attn"}
+    ),
 }
 
 _PREFIXES = (
