@@ -21,7 +21,7 @@ from .config import EraseConfig
 from .engine.calibrate import CalibrationResult, calibrate
 from .engine.localize import LocalizeResult, localize, widest_group
 from .engine.train import Cancel, Progress, train_delta
-from .judges.probe import ProbeScores, ProbeSet, judge_for, probe_set, reference_scores
+from .judges.probe import ProbeScores, ProbeSet, fits, judge_for, probe_set, reference_scores
 from .judges.scorers import Scorer
 from .lora import LoraDelta, LoRASet
 from .meter import peak_memory_mb, total
@@ -90,7 +90,7 @@ def erase(
         wide = widest_group(backend, cfg.localize_attention)
         result = run(wide.pattern, score_last=True)
         row = next(r for r in result.calibration.curve if r["step"] == result.calibration.chosen_step)
-        if row["erase"] >= cfg.erase_threshold and row["retain"] >= base.retain - cfg.retain_tolerance - 1e-9:
+        if fits(row["erase"], row["retain"], cfg.erase_threshold, base.retain, cfg.retain_tolerance):
             loc = LocalizeResult([wide.name], wide.pattern, [{"name": wide.name, "layers": len(wide.modules), **row}],
                                  reason="the widest group, run in full, erased with no retain fall against the "
                                  "base model; narrower groups not tried")  # fmt: skip

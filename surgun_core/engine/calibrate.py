@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..backends.base import Backend
 from ..errors import Cancelled
-from ..judges.probe import ProbeScores, ProbeSet, score_probe
+from ..judges.probe import ProbeScores, ProbeSet, fits, score_probe
 from ..judges.scorers import Scorer
 from ..lora import LoRASet
 
@@ -96,7 +96,7 @@ def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict
 
     last_step, last_state = checkpoints[-1]
     last = score(last_step, last_state)
-    if reference is not None and last["erase"] >= threshold and last["retain"] >= reference.retain - tolerance - 1e-9:
+    if reference is not None and fits(last["erase"], last["retain"], threshold, reference.retain, tolerance):
         why = (f"the last step: erase {last['erase']:.2f} >= {threshold:g} and retain {last['retain']:.2f} within "
                f"{tolerance:g} of the base model's ({reference.retain:.2f}); earlier steps not scored")  # fmt: skip
         progress("calibrate", len(checkpoints), len(checkpoints), {})

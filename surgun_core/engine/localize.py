@@ -24,7 +24,7 @@ from ..cache import ImageCache, default_cache_dir
 from ..config import EraseConfig
 from ..errors import ConfigError
 from ..io import write_json
-from ..judges.probe import ProbeScores, ProbeSet, judge_for, probe_set, score_probe
+from ..judges.probe import ProbeScores, ProbeSet, fits, judge_for, probe_set, score_probe
 from ..judges.scorers import Scorer
 from ..registry import ATTENTION_KINDS
 from .train import train_delta
@@ -157,13 +157,14 @@ def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet
         return hit
     short = _short_config(cfg)
     progress("localize", 0, len(groups), {})
-    bar = None
+    base = None  # the base model's retain: with it, the first group that fits stops the ranking
     if cfg.localize_first_fit and reference is not None:
         groups = sorted(groups, key=lambda g: -len(g.modules))  # widest first: the all-levels K/V set
-        bar = reference(probe).retain - cfg.retain_tolerance
+        base = reference(probe).retain
     with backend.meter.phase("localization"):
-        rows = _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache, bar)
-    fit = [r for r in rows if bar is not None and r["erase"] >= cfg.erase_threshold and r["retain"] >= bar - 1e-9]
+        rows = _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache, base)
+    fit = [r for r in rows if base is not None and fits(r["erase"], r["retain"], cfg.erase_threshold, base,
+                                                        cfg.retain_tolerance)]  # fmt: skip
     if fit:
         chosen = [fit[0]["name"]]
         why = (f"first fit, widest first: erase >= {cfg.erase_threshold:g} with retain within "
@@ -179,9 +180,9 @@ def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet
     return result
 
 
-def _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache, bar=None) -> list[dict]:
+def _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache, base=None) -> list[dict]:
     """A short SurgUn run per group, its probe images scored: one row (name, layers, erase, retain, h) each.
-    With a retain `bar`, it stops after the first group that erases with retain >= bar."""
+    With the base model's retain (`base`), it stops after the first group that fits (probe.fits)."""
     rows = []
     for i, grp in enumerate(groups):
         res = train_delta(backend, short, grp.pattern, cancel=cancel, cache=cache)
@@ -194,7 +195,7 @@ def _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache, b
                      "h": sc.h})  # fmt: skip
         log.info("localization: %-22s erase %.2f retain %.2f", grp.name, sc.erase, sc.retain)
         progress("localize", i + 1, len(groups), {"erase": sc.erase, "retain": sc.retain})
-        if bar is not None and sc.erase >= cfg.erase_threshold and sc.retain >= bar - 1e-9:
+        if base is not None and fits(sc.erase, sc.retain, cfg.erase_threshold, base, cfg.retain_tolerance):
             progress("localize", len(groups), len(groups), {})
             break
     return rows

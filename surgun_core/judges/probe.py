@@ -104,6 +104,12 @@ def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 
     return ProbeScores(erase, retain, per, x0)
 
 
+def fits(erase: float, retain: float, threshold: float, base_retain: float, tolerance: float) -> bool:
+    """An erasure that reaches the erase threshold with no retain fall against the base model's retain
+    (within `tolerance`): the test widest-first localization and last-first calibration stop on."""
+    return erase >= threshold and retain >= base_retain - tolerance - 1e-9
+
+
 def reference_scores(backend: Backend, scorer: Scorer, steps: int = 20, guidance: float | None = None,
                      batch_size: int = 64) -> Callable[[ProbeSet], ProbeScores]:  # fmt: skip
     """The base model's own scores on a probe set, computed once per probe set (cost meter phase "reference").
