@@ -27,8 +27,11 @@ def before_after_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor]], cell: 
     draw = ImageDraw.Draw(canvas)
     x_after = label_w + k * (cell + 2) + gap
     draw.text((4, 4), title, fill=(0, 0, 0))
-    draw.text((label_w, 18), "before (base model)", fill=(40, 40, 40))
-    draw.text((x_after, 18), "after (erased)", fill=(160, 20, 20))
+    left, right = "before (base model)", "after (erased)"
+    if draw.textlength(left) > x_after - label_w - 4:  # one narrow column a side: the long heads would overlap
+        left, right = "before", "after"
+    draw.text((label_w, 18), left, fill=(40, 40, 40))
+    draw.text((x_after, 18), right, fill=(160, 20, 20))
     for r, (label, before, after) in enumerate(rows):
         y = head + r * (cell + 4)
         draw.text((4, y + cell // 2 - 6), label, fill=(0, 0, 0))

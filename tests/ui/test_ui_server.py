@@ -95,6 +95,12 @@ def test_gradio_client_erase_and_probe_return_scores(server):
         client.predict("a green circle", 5, 1.0, "/nope.safetensors", api_name="/probe")
     with pytest.raises(Exception, match="name at least one concept"):
         client.predict(*_erase_args(""), api_name="/erase")
+    # the audit endpoint on the latest erase: new phrasings, on the erased and on the base model (the control)
+    status, grid, report = client.predict("", ["phrasings"], 0, api_name="/audit")
+    report = _json(report)
+    assert status.startswith("**Done**") and Path(grid).is_file()
+    assert report["concept"] == "circle" and set(report["attacks"]) == {"phrasings"}
+    assert 0 <= report["attacks"]["phrasings"]["recovery"] <= 1 and report["attacks"]["phrasings"]["control"] > 0.5
 
 
 def _chrome():
