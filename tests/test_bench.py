@@ -19,6 +19,9 @@ TINY = dict(steps=2, images_per_concept=2, sample_steps=2, batch_size=2, localiz
 
 @pytest.mark.slow
 def test_bench_json_has_every_method_and_key(tmp_path):
+    best = {"lr": 1e-4, "iterations": 2}  # a sweep's result, so the -tuned rows run too
+    sweep = {b: {"concept": "circle", "grid": [best], "best": best} for b in ("esd-x", "esd-u", "ca")}
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
     report = run_bench(["circle"], METHODS, seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert set(data["methods"]) == set(METHODS) and data == json.loads(json.dumps(report))

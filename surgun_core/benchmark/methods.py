@@ -96,8 +96,9 @@ def _plan(name: str, concept: str, quick: bool, seed: int, overrides: dict | Non
         if best is None:
             raise ConfigError("methods", f"{name} runs {TUNED[name]} at the best setting of its sweep, and there is "
                               "none yet: run `surgun bench --sweep --out DIR` first (same --out)")  # fmt: skip
-        plan = _plan(TUNED[name], concept, quick, seed, {"baseline_iterations": best["iterations"],
-                                                           "baseline_lr": best["lr"]})  # fmt: skip
+        base = {"baseline_iterations": best["iterations"], "baseline_lr": best["lr"],
+                "baseline_options": overrides.get("baseline_options", {})}  # fmt: skip
+        plan = _plan(TUNED[name], concept, quick, seed, base)
         return _Plan(name, baseline=plan.baseline, base=TUNED[name])
     b_opts = overrides.pop("baseline_options", {}).get(name, {})
     kind = concept_kind(concept)
