@@ -75,7 +75,9 @@ def test_full_method_localizes_and_calibrates(backend):
     result = erase(backend, cfg)
     try:
         assert result.localization.chosen and result.localization.groups
-        assert [r["step"] for r in result.calibration.curve] == [1, 2, 3, 4]  # checkpoint every steps/5 (>= 1)
+        # checkpoints every steps/5 (>= 1); the last is scored first and, when it shows no retain fall, alone
+        steps = [r["step"] for r in result.calibration.curve]
+        assert steps == [1, 2, 3, 4] or (steps == [4] and "earlier steps not scored" in result.calibration.reason)
         assert result.delta.metadata["surgun.step_chosen"] == str(result.calibration.chosen_step)
         assert set(result.lora.names) <= set(backend.attention_linears())
     finally:

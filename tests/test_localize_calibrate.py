@@ -66,6 +66,9 @@ def test_choose_step_on_a_synthetic_curve():
     assert choose_step(curve, 0.9, tolerance=0.1)[0] == 160  # 0.9 ties 0.97 within 0.1: erase ties, the latest
     saturated = [{"step": s, "erase": 1.0, "retain": 1.0, "h": 1.0} for s in (40, 80, 120)]
     assert choose_step(saturated, 0.9, 0.03)[0] == 120  # equals on the probe: the latest (trained longest)
+    assert "the last step" in choose_step(saturated, 0.9, 0.03)[1]  # it erases with no retain fall: it ships
+    late_drop = [*curve[:3], {"step": 160, "erase": 0.6, "retain": 0.97, "h": 0.73}]
+    assert choose_step(late_drop, 0.9)[0] == 120  # the last no longer erases: the best of those that do
     low = [r | {"erase": 0.3, "h": 0.6 * r["retain"] / (0.3 + r["retain"])} for r in curve]
     step, why = choose_step(low, 0.9)
     assert "no step reached" in why and step == 40  # best harmonic mean: erase ties, retain highest

@@ -26,12 +26,24 @@ from surgun_core.toyworld.paths import MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 # small but complete: every phase of the method runs, with a probe set of 2 images per seed
-SMALL = dict(steps=6, localize_steps=2, images_per_concept=2, probe_seeds=1, sample_steps=3, probe_sample_steps=2,
-             batch_size=2, distractors=["square", "ring"], probe_retained=1, probe_templates=["a {}"])  # fmt: skip
+SMALL = dict(
+    steps=6,
+    localize_steps=2,
+    images_per_concept=2,
+    probe_seeds=1,
+    sample_steps=3,
+    probe_sample_steps=2,
+    batch_size=2,
+    distractors=["square", "ring"],
+    probe_retained=1,
+    probe_templates=["a {}"],
+    localize_first_fit=True,  # the widest group first; the "ranked" cases turn it off
+)
 CASES = {
     "fixed blocks": dict(blocks="cross-attn-kv", calibrate=False),
     "localization + calibration": dict(),
     "localization, no calibration": dict(calibrate=False),  # the widest group's run still scores its last step
+    "ranked localization (the default) + calibration": dict(localize_first_fit=False),
     # strong enough to erase: first fit stops at the widest group, calibration at the last checkpoint
     "localization + calibration, erased": dict(steps=10, localize_steps=10, lr=3e-2, batch_size=4,
                                                images_per_concept=4, sample_steps=6, probe_sample_steps=6),
@@ -75,7 +87,7 @@ def test_plan_phases_follow_the_config(toy_backend):
     assert plan.fewest_by_phase["training"] == cfg.steps * step_forwards(cfg)
     # first fit: the widest group's full run draws the training images; the other runs find them cached
     assert "localization/training images" not in plan.forwards_by_phase
-    ranked = plan_erase(toy_backend, toy_config("circle", **SMALL, localize_first_fit=False), memory=False)
+    ranked = plan_erase(toy_backend, toy_config("circle", **{**SMALL, "localize_first_fit": False}), memory=False)
     assert ranked.forwards_by_phase["localization/training"] == plan.candidate_groups * 2 * step_forwards(cfg)
     assert ranked.forwards_by_phase["localization/training images"] == plan.forwards_by_phase["training images"]
     fixed = plan_erase(toy_backend, toy_config("circle", **SMALL, blocks="cross-attn-kv"), memory=False)

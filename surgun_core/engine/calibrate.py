@@ -42,26 +42,26 @@ def choose_step(curve: list[dict], threshold: float, tolerance: float = 0.0) -> 
     """The documented rule over {"step", "erase", "retain", "h"} rows (step order). Returns (step, why).
 
     The last checkpoint ships unless the judge sees retain fall there: it does when it reaches erase >=
-    threshold (or none does) with retain within `tolerance` of the best retain of the checkpoints that
-    reach it (or of all). Otherwise, among the checkpoints with erase >= threshold, those with retain >=
-    (their best retain - tolerance): highest erase, then latest; none reaches the threshold: highest h.
+    threshold with retain within `tolerance` of the best retain of the checkpoints that reach it. Otherwise,
+    among the checkpoints with erase >= threshold, those with retain >= (their best retain - tolerance):
+    highest erase, then latest; none reaches the threshold: highest h (then earliest).
     """
     if not curve:
         raise ValueError("calibration needs at least one checkpoint")
     ok = [r for r in curve if r["erase"] >= threshold]
     last = curve[-1]
     top = max(r["retain"] for r in (ok or curve))
-    if (last in ok or not ok) and last["retain"] >= top - tolerance - 1e-9:
-        reached = f"erase >= {threshold:g}" if ok else f"no step reached erase {threshold:g}"
-        return last["step"], (f"the last step: {reached}, retain within {tolerance:g} of the best ({top:.2f}): no "
-                              f"retain fall (erase {last['erase']:.2f}, retain {last['retain']:.2f})")  # fmt: skip
+    if last in ok and last["retain"] >= top - tolerance - 1e-9:
+        return last["step"], (f"the last step: erase >= {threshold:g}, retain within {tolerance:g} of the best "
+                              f"({top:.2f}): no retain fall (erase {last['erase']:.2f}, retain "
+                              f"{last['retain']:.2f})")  # fmt: skip
     if ok:
         best = max([r for r in ok if r["retain"] >= top - tolerance - 1e-9], key=lambda r: (r["erase"], r["step"]))
         return best["step"], (f"retain fell at the last step; erase >= {threshold:g} with retain within "
                               f"{tolerance:g} of the best ({top:.2f}): the most erased, then the latest (erase "
                               f"{best['erase']:.2f}, retain {best['retain']:.2f})")  # fmt: skip
     best = min(curve, key=lambda r: (-r["h"], r["step"]))
-    return best["step"], f"no step reached erase {threshold:g} and retain fell at the last; best harmonic mean"
+    return best["step"], f"no step reached erase {threshold:g}: the best harmonic mean of erase and retain"
 
 
 def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict]], scorer: Scorer,
