@@ -14,34 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import ERASE, FAST, files_in, last_line, run
 
-from surgun_core.cli import main
 from surgun_core.commands.progress import TqdmProgress
 from surgun_core.demo import run_demo
 from surgun_core.errors import Cancelled, ConfigError, SurgUnError
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SURGUN_CACHE": "", "PYTHONDONTWRITEBYTECODE": "1"}
-# the whole method but tiny (as tests/test_cli.py)
-FAST = {"images_per_concept": 2, "sample_steps": 2, "templates": ["a {}"], "localize_steps": 1, "probe_seeds": 1,
-        "probe_retained": 1}  # fmt: skip
-ERASE = ["erase", "--model", "toy", "--concept", "circle", "--distractor", "square", "--distractor", "ring"]
 INTERRUPTED = "surgun: interrupted; nothing was written"
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def last_line(err: str) -> str:
-    """The last line a terminal shows: progress bars redraw with carriage returns, so take what follows them."""
-    return err.strip().splitlines()[-1].split("\r")[-1].strip() if err.strip() else ""
-
-
-def files_in(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 @pytest.fixture

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import ERASE, FAST, files_in, last_line, run
 from PIL import Image
 
 from surgun_core import io as surgun_io
-from surgun_core.cli import build_parser, main
+from surgun_core.cli import build_parser
 from surgun_core.commands.common import wrote
 from surgun_core.commands.erase import erase_config, settings_from
 from surgun_core.config import EraseConfig
@@ -37,31 +38,12 @@ from surgun_core.toyworld.world import COLOURS
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SURGUN_CACHE": "", "PYTHONDONTWRITEBYTECODE": "1"}
-# the whole method but tiny (as tests/test_cli.py); fixed blocks skip localization unless a test wants it
-FAST = {"images_per_concept": 2, "sample_steps": 2, "templates": ["a {}"], "localize_steps": 1, "probe_seeds": 1,
-        "probe_retained": 1}  # fmt: skip
-ERASE = ["erase", "--model", "toy", "--concept", "circle", "--distractor", "square", "--distractor", "ring"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def last_line(err: str) -> str:
-    """The last line a terminal shows: progress bars redraw with carriage returns, so take what follows them."""
-    return err.strip().splitlines()[-1].split("\r")[-1].strip() if err.strip() else ""
 
 
 def assert_one_line(err: str, field: str, *needles: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"surgun: error: {field}:"), err
     assert all(n in lines[0] for n in needles), err
-
-
-def files_in(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 @pytest.fixture
