@@ -18,6 +18,7 @@ from cli_helpers import ERASE, FAST, files_in, last_line, run
 
 from surgun_core.commands.progress import TqdmProgress
 from surgun_core.demo import run_demo
+from surgun_core.engine.localize import clear_memory_cache
 from surgun_core.errors import Cancelled, ConfigError, SurgUnError
 
 PY = sys.executable
@@ -168,6 +169,7 @@ def test_ctrl_c_in_each_phase_writes_nothing(tmp_path, capsys, monkeypatch, fast
     monkeypatch.setattr(TqdmProgress, "__call__", call)
     if phase == "localize":  # short runs rank the groups only when the widest group is not tried first
         fast_config.write_text(json.dumps({**json.loads(fast_config.read_text()), "localize_first_fit": False}))
+        clear_memory_cache()  # an earlier test's localization of the same settings would skip the phase
     code, _, err = run(capsys, *ERASE, "--config", fast_config, "--blocks", blocks, "--steps", 2,
                        "--out", tmp_path / "out" / "d.safetensors")  # fmt: skip
     assert code == 130 and last_line(err) == INTERRUPTED and "Traceback" not in err
