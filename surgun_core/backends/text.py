@@ -118,7 +118,11 @@ class SdxlText(TextEncoderAdapter):
             ids, _ = _ids(tok, prompts, device)
             out = enc(ids, output_hidden_states=True)
             states.append(out.hidden_states[-2])  # (B, L, d_i)
-        cond = {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": out.text_embeds}
+        return self._cond(states, out.text_embeds, prompts, device)
+
+    def _cond(self, states, pooled, prompts, device):
+        """Both encoders' penultimate states side by side and the pooled embedding; empty prompts zeroed."""
+        cond = {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
         if self.zero_empty_prompt:
             keep = torch.tensor([p != "" for p in prompts], device=device)
             cond = {k: v * keep.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in cond.items()}
@@ -133,11 +137,7 @@ class SdxlText(TextEncoderAdapter):
             with learned_rows(enc, slots, tokens, cols):
                 out = enc(ids, output_hidden_states=True)
             states.append(out.hidden_states[-2])  # (B, L, d_i)
-        cond = {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": out.text_embeds}
-        if self.zero_empty_prompt:
-            keep = torch.tensor([p != "" for p in prompts], device=device)
-            cond = {k: v * keep.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in cond.items()}
-        return cond
+        return self._cond(states, out.text_embeds, prompts, device)
 
     def word_embedding(self, word):
         one, two = word_rows(self.tokenizer, self.encoder, word), word_rows(self.tokenizer_2, self.encoder_2, word)
