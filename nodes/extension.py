@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .audit_node import SurgUnAttackAudit
 from .delta_nodes import SurgUnApplyDelta, SurgUnSaveDelta
 from .demo_node import SurgUnDemoModel
 from .localize_node import SurgUnLocalize
@@ -13,7 +14,15 @@ from .train_node import SurgUnTrain
 
 class SurgUnExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SurgUnDemoModel, SurgUnTrain, SurgUnApplyDelta, SurgUnSaveDelta, SurgUnConceptProbe, SurgUnLocalize]
+        return [
+            SurgUnDemoModel,
+            SurgUnTrain,
+            SurgUnApplyDelta,
+            SurgUnSaveDelta,
+            SurgUnConceptProbe,
+            SurgUnLocalize,
+            SurgUnAttackAudit,
+        ]
 
 
 async def comfy_entrypoint() -> SurgUnExtension:

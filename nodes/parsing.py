@@ -1,10 +1,12 @@
-"""Node widget values -> EraseConfig. Pure Python: no ComfyUI import, so it is tested without ComfyUI.
+"""Node widget values -> EraseConfig, and the Attack Audit's attack list and settings. Pure Python: no ComfyUI
+import, so it is tested without ComfyUI.
 
 The node layer only turns what the user typed into lists; EraseConfig validates them (one place).
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 # pack-relative import: inside ComfyUI the pack is a package whose name ComfyUI chooses, and surgun_core
@@ -12,7 +14,7 @@ import re
 from ..surgun_core.config import EraseConfig, parse_list
 from ..surgun_core.errors import ConfigError
 from ..surgun_core.recipes import recipe_config
-from ..surgun_core.registry import AUTO_BLOCKS, BLOCK_PRESETS
+from ..surgun_core.registry import ATTACK_NAMES, AUTO_BLOCKS, BLOCK_PRESETS
 
 MANUAL_BLOCKS = "manual"
 BLOCK_CHOICES = [AUTO_BLOCKS, *BLOCK_PRESETS, MANUAL_BLOCKS]
@@ -58,3 +60,35 @@ def parse_list_lines(text: str | None) -> list[str]:
         return []
     lines = [ln.strip() for ln in text.splitlines()]
     return list(dict.fromkeys(ln for ln in lines if ln and not ln.startswith("#")))
+
+
+ALL_ATTACKS = "all"
+
+
+def parse_attacks(text: str | None) -> list[str]:
+    """The Attack Audit node's `attacks` widget: "all" (or empty) for every registered attack, else names separated
+    by commas or lines; an unknown name is refused with the valid ones."""
+    names = parse_list(text or "")
+    if not names or names == [ALL_ATTACKS]:
+        return list(ATTACK_NAMES)
+    unknown = [n for n in names if n not in ATTACK_NAMES]
+    if unknown:
+        raise ConfigError("attacks", f"unknown attack {unknown[0]!r}; write {ALL_ATTACKS} or some of "
+                          f"{', '.join(ATTACK_NAMES)}")  # fmt: skip
+    return names
+
+
+def parse_attack_settings(text: str | None) -> dict[str, dict]:
+    """The `attack_settings` widget: JSON {attack: {setting: value}} (attacks/<name>.py lists each attack's
+    settings); empty: none. Setting names are checked by the attacks themselves."""
+    if not (text or "").strip():
+        return {}
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError("attack_settings", f"is not valid JSON ({e}); write e.g. "
+                          '{"inversion": {"steps": 100}}') from e  # fmt: skip
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise ConfigError("attack_settings", 'must map attack names to their settings, e.g. {"phrasings": '
+                          '{"seeds_per_prompt": 1}}')  # fmt: skip
+    return settings

@@ -122,11 +122,12 @@ def train_config(backend, concepts, distractors, kind, steps, learning_rate, ran
                         extra={"front_end": "comfyui"})  # fmt: skip
 
 
-def comfy_backend(model, clip, guidance: float | None = None) -> ComfyBackend:
-    """The ComfyUI backend for a MODEL + CLIP; the demo model carries its architecture and image size."""
+def comfy_backend(model, clip, guidance: float | None = None, vae=None) -> ComfyBackend:
+    """The ComfyUI backend for a MODEL + CLIP (+ the VAE that decodes its images); the demo model carries its
+    architecture and image size."""
     base = model.model
     backend = ComfyBackend(model, clip, architecture=getattr(base, "surgun_architecture", None),
-                           image_size=getattr(base, "surgun_image_size", None))  # fmt: skip
+                           image_size=getattr(base, "surgun_image_size", None), vae=vae)  # fmt: skip
     if guidance is not None:
         backend.default_guidance = guidance
     return backend

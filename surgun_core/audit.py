@@ -88,7 +88,7 @@ class AuditReport:
 
 def run_audit(
     backend: Backend,
-    lora_or_delta: LoRASet | LoraDelta,
+    lora_or_delta: LoRASet | LoraDelta | None,
     concept: str,
     kind: str,
     attacks: Sequence[str] = ATTACK_NAMES,
@@ -104,26 +104,33 @@ def run_audit(
 
     Args:
         lora_or_delta: the erasure: a LoRASet (attached if it is not, and left attached: the caller owns it) or
-            a LoraDelta (attached for the audit, detached after).
+            a LoraDelta (attached for the audit, detached after); None: the backend is the erased model already
+            (e.g. a ComfyUI MODEL with the erasure in its weight patches) and `judge` switches it to the base.
         scorer: who judges the images; default: the toy classifier on the toy world, else the diffusion judge.
         judge: a context in which the model is the base model; default: the erasure's LoRA switched off.
         settings: per attack name, overrides of its settings (attacks/<name>.py documents them).
     """
     names = list(attacks)
     for n in [*names, *(settings or {})]:
-        get_attack(n)  # an unknown name is refused before any work
+        get_attack(n).settings_for(backend, (settings or {}).get(n, {}))  # unknown names, keys: refused before work
     if not names:
         raise ConfigError("attacks", f"no attack chosen; choose from {', '.join(ATTACK_NAMES)}")
+    if lora_or_delta is None and judge is None:
+        raise ConfigError("delta", "an audit needs the erasure (a LoRASet or LoraDelta) or, for a model erased "
+                          "already, a judge context in which it is the base model")  # fmt: skip
     t0 = time.time()
     with _erasure(backend, lora_or_delta) as lora:
+        judge = judge or lora.disabled
         scorer = scorer or make_scorer("toy" if is_toy(backend) else "diffusion", backend, kind)
-        report = AuditReport(concept, kind, seed, scorer.name, backend.architecture, backend.fingerprint())
+        with judge():  # the base model's fingerprint, whatever the erasure does to the weights
+            fingerprint = backend.fingerprint()
+        report = AuditReport(concept, kind, seed, scorer.name, backend.architecture, fingerprint)
         for i, name in enumerate(names):
             if cancel is not None and cancel():
                 raise Cancelled("audit cancelled by the user; nothing was written")
             if progress is not None:
                 progress("audit", i, len(names), {"attack": name})
-            report.results[name] = run_attack(name, backend, concept, kind, scorer, judge or lora.disabled, seed,
+            report.results[name] = run_attack(name, backend, concept, kind, scorer, judge, seed,
                                               (settings or {}).get(name), cache=cache)  # fmt: skip
         if progress is not None:
             progress("audit", len(names), len(names), {})
@@ -137,8 +144,12 @@ def audit_metadata(report: AuditReport) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _erasure(backend: Backend, lora_or_delta: LoRASet | LoraDelta):
-    """The erasure attached to `backend` for the audit; what this attached is detached after."""
+def _erasure(backend: Backend, lora_or_delta: LoRASet | LoraDelta | None):
+    """The erasure attached to `backend` for the audit; what this attached is detached after. None: nothing to
+    attach (the backend is the erased model itself)."""
+    if lora_or_delta is None:
+        yield None
+        return
     if isinstance(lora_or_delta, LoraDelta):
         lora = lora_or_delta.to_lora_set(backend.attention_linears()).attach()
         try:

@@ -102,7 +102,7 @@ def test_sdxl_learned_tokens_feed_both_encoders():
 
 
 def test_backends_without_learned_tokens_say_so():
-    class Bare(Backend):  # the Backend interface's default, as the ComfyUI and A1111 backends have it for now
+    class Bare(Backend):  # the Backend interface's default, as the A1111 backend has it for now
         architecture = "bare"
 
         def encode(self, prompts):
@@ -202,6 +202,11 @@ def test_audit_refuses_unknown_attacks_before_any_work(toy_backend, scorer):
     with pytest.raises(ConfigError, match="unknown attack 'prefx'"):
         run_audit(toy_backend, _random_delta(toy_backend), "circle", "object", attacks=("prefix",), scorer=scorer,
                   settings={"prefx": {}})  # fmt: skip
+    with pytest.raises(ConfigError, match="the prefix attack has no setting stepz"):
+        run_audit(toy_backend, _random_delta(toy_backend), "circle", "object", attacks=("phrasings",), scorer=scorer,
+                  settings={"prefix": {"stepz": 3}})  # fmt: skip
+    with pytest.raises(ConfigError, match="judge context"):  # no erasure to switch off, and no way to the base
+        run_audit(toy_backend, None, "circle", "object", attacks=("phrasings",), scorer=scorer)
     assert toy_backend.meter.since(before) == {}
 
 

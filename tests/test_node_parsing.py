@@ -79,3 +79,20 @@ def test_resolve_blocks(pack, parsing):
                                 ("nope", "", "unknown preset")]:  # fmt: skip
         with pytest.raises(errors.ConfigError, match=msg):
             parsing.resolve_blocks(preset, manual)
+
+
+def test_attack_audit_widgets(pack, parsing):
+    """SurgUn Attack Audit's `attacks` and `attack_settings` widgets: names and JSON, refused with the field named."""
+    errors = importlib.import_module(pack.__name__ + ".surgun_core.errors")
+    every = list(importlib.import_module(pack.__name__ + ".surgun_core.registry").ATTACK_NAMES)
+    assert parsing.parse_attacks("all") == parsing.parse_attacks(" ") == parsing.parse_attacks(None) == every
+    assert parsing.parse_attacks("phrasings, inversion\nphrasings") == ["phrasings", "inversion"]
+    assert parsing.parse_attack_settings("") == {}
+    assert parsing.parse_attack_settings('{"inversion": {"steps": 5}}') == {"inversion": {"steps": 5}}
+    bad = [(parsing.parse_attacks, "ringabell", "attacks", "unknown attack 'ringabell'"),
+           (parsing.parse_attack_settings, "{steps: 5}", "attack_settings", "not valid JSON"),
+           (parsing.parse_attack_settings, '{"inversion": 5}', "attack_settings", "map")]  # fmt: skip
+    for call, text, field, words in bad:
+        with pytest.raises(errors.ConfigError) as e:
+            call(text)
+        assert e.value.field == field and words in str(e.value)

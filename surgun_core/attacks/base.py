@@ -9,6 +9,7 @@ low recovery means the erasure held, not that the attack was too weak (DESIGN.md
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -186,7 +187,7 @@ class Attack(ABC):
     def sample(self, prompts: list[str], seeds: list[int], cond: Cond | None = None) -> torch.Tensor:
         """Sampled x0 for (prompt, seed) pairs, from prepared conditioning when given, under phase "images"."""
         b = self.backend
-        if cond is not None and type(b).sample is not Backend.sample:
+        if cond is not None and "cond" not in inspect.signature(b.sample).parameters:
             raise SurgUnError(f"the {type(b).__name__} backend samples with its own sampler, which takes no "
                               f"prepared conditioning; the {self.name} attack needs a diffusers model")  # fmt: skip
         with b.meter.phase("images"):

@@ -7,6 +7,7 @@ Without COMFYUI_URL every test here is skipped (CI has no ComfyUI).
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import urllib.error
@@ -25,11 +26,12 @@ from comfy_server import (
     requires_server,
     run_prompt,
 )
+from PIL import Image
 
 pytestmark = requires_server
 
 SURGUN_NODES = ("SurgUnDemoModel", "SurgUnTrain", "SurgUnApplyDelta", "SurgUnSaveDelta", "SurgUnConceptProbe",
-                "SurgUnLocalize")  # fmt: skip
+                "SurgUnLocalize", "SurgUnAttackAudit")  # fmt: skip
 TOY_DISTRACTORS = "square\ntriangle\ncross\nring"
 
 
@@ -144,3 +146,46 @@ def test_missing_delta_file_is_refused_with_message():
         urllib.request.urlopen(req, timeout=30)
     text = e.value.read().decode()
     assert "delta_file" in text and "nope.safetensors" in text, text
+
+
+def test_attack_audit_of_an_applied_delta():
+    """Demo Model -> Train -> Apply Unlearning Delta (Train's delta on the demo model) -> SurgUn Attack Audit, its
+    grid to PreviewImage and its report and recovery to Preview as Text."""
+    graph = _train_graph("circle", steps=20, lr=0.05)  # enough that new phrasings rarely bring the circle back
+    graph["ap"] = {"class_type": "SurgUnApplyDelta", "inputs": {"model": ["1", 0], "strength": 1.0, "delta": ["2", 1]}}
+    settings = {"phrasings": {"seeds_per_prompt": 1, "sample_steps": 10},
+                "concept_vector": {"strengths": [1.0, 3.0], "seeds_per_prompt": 1, "sample_steps": 5}}  # fmt: skip
+    graph["a"] = {"class_type": "SurgUnAttackAudit",
+                  "inputs": {"model": ["ap", 0], "base_model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                             "concept": "circle", "kind": "object", "attacks": "phrasings, concept_vector", "seed": 0,
+                             "attack_settings": json.dumps(settings)}}  # fmt: skip
+    graph["g"] = {"class_type": "PreviewImage", "inputs": {"images": ["a", 0]}}
+    graph["r"] = {"class_type": "PreviewAny", "inputs": {"source": ["a", 1]}}
+    graph["v"] = {"class_type": "PreviewAny", "inputs": {"source": ["a", 2]}}
+    entry = run_prompt(graph, timeout=600)
+    assert entry["status"]["status_str"] == "success", messages(entry)
+    report = json.loads(entry["outputs"]["r"]["text"][0])
+    recovery = float(entry["outputs"]["v"]["text"][0])
+    assert report["concept"] == "circle" and report["scorer"] == "toy"
+    assert list(report["attacks"]) == ["phrasings", "concept_vector"]
+    phrasings = report["attacks"]["phrasings"]
+    assert phrasings["control"] == 1.0 and phrasings["recovery"] < 0.75, phrasings  # the erasure holds, the base not
+    assert 0.0 <= recovery <= 1.0 and recovery == report["max_recovery"]
+    (png,) = image_bytes(entry, "g")
+    grid = Image.open(io.BytesIO(png))
+    assert grid.mode == "RGB" and grid.width > 4 * 64 and grid.height > 2 * 64  # two rows: base | erased
+    rates = ", ".join(f"{k} {a['recovery']:.2f} (base {a['control']:.2f})" for k, a in report["attacks"].items())
+    print(f"audit over the server: recovery {recovery:.2f}; {rates}; grid {grid.size}")  # shown with -s
+
+
+def test_attack_audit_refuses_an_unknown_attack():
+    graph = {"1": {"class_type": "SurgUnDemoModel", "inputs": {}},
+             "a": {"class_type": "SurgUnAttackAudit",
+                   "inputs": {"model": ["1", 0], "base_model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                              "concept": "circle", "kind": "object", "attacks": "ringabell", "seed": 0}},
+             "r": {"class_type": "PreviewAny", "inputs": {"source": ["a", 1]}}}  # fmt: skip
+    entry = run_prompt(graph)
+    assert entry["status"]["status_str"] == "error"
+    err = messages(entry)["execution_error"]
+    assert err["node_type"] == "SurgUnAttackAudit" and "attacks" in err["exception_message"], err
+    assert "ringabell" in err["exception_message"] and "phrasings" in err["exception_message"]

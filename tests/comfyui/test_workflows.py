@@ -31,8 +31,16 @@ from PIL import Image
 
 pytestmark = requires_server
 
-NAMES = ("surgun_demo_erase", "surgun_apply_delta", "surgun_sd15_erase")
+NAMES = ("surgun_demo_erase", "surgun_apply_delta", "surgun_sd15_erase", "surgun_attack_audit")
 DEMO_TIMEOUT = 3600  # seconds: 200 SurgUn steps with localization and calibration, then the probe, on a CPU
+# the audit workflow's test run: a quick erase, and every attack cut to seconds (the published settings take minutes)
+QUICK_ERASE = {"steps": 20, "learning_rate": 0.05, "blocks": "cross-attn-kv", "calibration": False}
+QUICK_ATTACKS = {
+    "inversion": {"steps": 5, "images": 4, "batch_size": 2, "seeds_per_prompt": 1, "sample_steps": 5},
+    "prefix": {"steps": 3, "prefix_tokens": 2, "seeds_per_prompt": 1, "sample_steps": 5},
+    "concept_vector": {"strengths": [1.0, 3.0], "seeds_per_prompt": 1, "sample_steps": 5},
+    "phrasings": {"seeds_per_prompt": 1, "sample_steps": 10},
+}
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +133,21 @@ def test_apply_delta_workflow_runs(demo_run, info):
     entry = run_prompt(ui_to_api(wf, info))
     assert entry["status"]["status_str"] == "success", messages(entry)
     assert len(image_bytes(entry, str(node_by_type(wf, "PreviewImage")["id"]))) == 4  # batch of 4
+
+
+def test_attack_audit_workflow_runs(info):
+    """Workflow 4 as a user runs it, with a quick erase and every attack cut to seconds (attack_settings)."""
+    wf = load_workflow("surgun_attack_audit")
+    for name, value in QUICK_ERASE.items():
+        set_widget(wf, node_by_type(wf, "SurgUnTrain"), name, value, info)
+    set_widget(wf, node_by_type(wf, "SurgUnAttackAudit"), "attack_settings", json.dumps(QUICK_ATTACKS), info)
+    entry = run_prompt(ui_to_api(wf, info), timeout=900)
+    assert entry["status"]["status_str"] == "success", messages(entry)
+    out = entry["outputs"]
+    report = json.loads(out[str(node_by_type(wf, "PreviewAny", "Audit report")["id"])]["text"][0])
+    recovery = float(out[str(node_by_type(wf, "PreviewAny", "Worst attack's recovery")["id"])]["text"][0])
+    assert list(report["attacks"]) == list(QUICK_ATTACKS) and recovery == report["max_recovery"]
+    phrasings = report["attacks"]["phrasings"]
+    assert phrasings["control"] == 1.0 and phrasings["recovery"] < 0.75, phrasings
+    (grid,) = image_bytes(entry, str(node_by_type(wf, "PreviewImage")["id"]))
+    assert Image.open(io.BytesIO(grid)).height > 4 * 64  # a row per attack

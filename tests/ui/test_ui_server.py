@@ -6,6 +6,7 @@ Screenshots go to $SURGUN_SCREENSHOTS (default: the test's temp folder) for a pe
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -224,3 +225,63 @@ def test_browser_erase_gallery_scores_stop_and_bad_input(server, browser, shots)
     drv.find_element("css selector", "#surgun_probe").click()
     _wait(drv, lambda: drv.find_elements("css selector", "#surgun_probe_after img"), 120, "the probe images")
     drv.save_screenshot(str(shots / "ui-4-probe.png"))
+
+
+def _open_accordion(drv, title: str, inside: str):
+    """Open the accordion whose header starts with `title`, until the component `inside` (an elem_id) shows."""
+
+    def shown():  # gradio 3 keeps a closed accordion's components hidden in the page, later versions leave them out
+        return any(e.is_displayed() for e in drv.find_elements("css selector", f"#{inside}"))
+
+    for head in drv.find_elements("xpath", f"//*[starts-with(normalize-space(text()), '{title}')]"):
+        if shown():
+            return
+        if head.is_displayed():
+            try:
+                head.click()
+                _wait(drv, shown, 3, f"{title} to open")
+            except Exception:  # not the clickable header in this gradio version: try the next candidate
+                continue
+    assert shown(), f"could not open the {title} accordion"
+
+
+def test_browser_audit_with_one_cheap_attack(server, browser, shots):
+    """The Audit accordion on a LoRA file: only the phrasings attack (no optimisation), then the status, the grid
+    and the report's recovery numbers in the page."""
+    lora = next(iter(sorted(server["lora_dir"].glob("*.safetensors"))), None)
+    if lora is None:  # run alone: erase first, through the API
+        from gradio_client import Client
+
+        erased = Client(server["url"], verbose=False).predict(*_erase_args("circle", lora_name="audit-circle", **FAST),
+                                                              api_name="/erase")  # fmt: skip
+        lora = Path(erased[4])
+    drv = browser
+    drv.get(server["url"])
+    _wait(drv, lambda: drv.find_element("css selector", "#surgun_train").is_displayed(), 60, "the page")
+    _open_accordion(drv, "Audit:", "surgun_audit")
+    _type(drv, "surgun_audit_lora", str(lora), "textarea, input")
+    for label in drv.find_elements("css selector", "#surgun_audit_attacks label"):
+        box = label.find_element("css selector", "input")
+        if box.is_selected() != (label.text.strip() == "phrasings"):
+            label.click()
+    checked = [lb.text.strip() for lb in drv.find_elements("css selector", "#surgun_audit_attacks label")
+               if lb.find_element("css selector", "input").is_selected()]  # fmt: skip
+    assert checked == ["phrasings"], checked
+    drv.find_element("css selector", "#surgun_audit").click()
+
+    def status() -> str:
+        return drv.find_element("css selector", "#surgun_audit_status").text
+
+    _wait(drv, lambda: status().startswith("Done"), 600, "the audit to finish")
+    _wait(drv, lambda: drv.find_elements("css selector", "#surgun_audit_grid img"), 30, "the audit grid")
+    report = drv.find_element("css selector", "#surgun_audit_report").text
+    drv.execute_script("document.getElementById('surgun_audit_grid').scrollIntoView()")
+    drv.save_screenshot(str(shots / "ui-5-audit.png"))
+    # the status names the worst attack and its share; the report holds both models' recovery of it
+    worst = re.search(r"worst attack (\w+) brings back (\d+)% of the concept", status())
+    assert worst and worst.group(1) == "phrasings", status()
+    for key in ("max_recovery", "recovery", "control", "phrasings"):
+        assert key in report, (key, report[:500])
+    numbers = {k: float(v) for k, v in re.findall(r'"?(max_recovery|recovery|control)"?\s*:\s*([0-9.]+)', report)}
+    assert numbers["control"] > 0.5 and 0 <= numbers["recovery"] <= 1, numbers  # the base model draws circles
+    assert round(100 * numbers["max_recovery"]) == int(worst.group(2))
