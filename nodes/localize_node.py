@@ -7,9 +7,9 @@ from comfy_api.latest import io
 
 from ..surgun_core.charts import plot_groups
 from ..surgun_core.concepts import KINDS
-from ..surgun_core.engine.localize import localize_for
+from ..surgun_core.engine.localize import group_line, localize_for
 from ..surgun_core.recipes import family_of
-from ..surgun_core.registry import ATTENTION_KINDS
+from ..surgun_core.registry import ATTENTION_KINDS, LOCALIZE_METHODS
 from .parsing import build_config, recipe_value
 from .probe_node import PROBE_SCORERS
 from .train_node import cancelled, comfy_backend
@@ -23,9 +23,11 @@ class SurgUnLocalize(io.ComfyNode):
             node_id="SurgUnLocalize",
             display_name="SurgUn Localize",
             category=CATEGORY,
-            description="Short SurgUn runs on each group of attention blocks; probe images are scored for erase "
-            "and retain; the groups that erase with the best retain are chosen. SurgUn Train does this itself "
-            "with blocks = auto; this node shows the ranking, and its blocks output can feed Train's "
+            description="Ranks the groups of attention blocks for an erasure. method 'gradient' (what SurgUn "
+            "Train does with blocks = auto): a few SurgUn steps on every group at once, each group scored by its "
+            "share of the loss's gradient, the groups carrying most of it chosen. 'short-runs': a short run per "
+            "group, its probe images scored for erase and retain, the groups that erase with the best retain "
+            "chosen (steps_per_group, keep). This node shows the ranking; its blocks output can feed Train's "
             "blocks_regex (blocks = manual).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to erase concepts from (not changed)."),
@@ -49,6 +51,9 @@ class SurgUnLocalize(io.ComfyNode):
                                "ground-truth classifier ('toy')."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of training images and runs."),
+                io.Combo.Input("method", options=list(LOCALIZE_METHODS), default="gradient", optional=True,
+                               tooltip="'gradient': the loss's gradient share per group (no probe images; "
+                               "SurgUn Train's auto). 'short-runs': a short run per group, judged on probe images."),
             ],
             outputs=[
                 io.String.Output("blocks", tooltip="A regular expression over the chosen layers: feed it to SurgUn "
@@ -60,9 +65,10 @@ class SurgUnLocalize(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, distractors, kind, attention, steps_per_group, keep, learning_rate,
-                guidance, scorer, seed) -> io.NodeOutput:  # fmt: skip
+                guidance, scorer, seed, method="gradient") -> io.NodeOutput:  # fmt: skip
         backend = comfy_backend(model, clip)
         cfg = build_config(concepts, distractors, family=family_of(backend), kind=kind, localize_attention=attention,
+                           localize_method=method,
                            localize_steps=steps_per_group, localize_keep=keep, lr=recipe_value(learning_rate),
                            guidance=recipe_value(guidance), scorer=scorer, seed=seed,
                            extra={"front_end": "comfyui"})  # fmt: skip
@@ -73,6 +79,6 @@ class SurgUnLocalize(io.ComfyNode):
                                cancel=cancelled)  # fmt: skip
         chart = pil_to_image(plot_groups(res))
         lines = [f"chosen: {', '.join(res.chosen)}  ({res.seconds:.0f} s{', cached' if res.cached else ''})",
-                 "group                    layers  erase  retain"]  # fmt: skip
-        lines += [f"{r['name'][:24]:<24} {r['layers']:>6}  {r['erase']:.2f}   {r['retain']:.2f}" for r in res.groups]
+                 f"why: {res.reason}", "group                    layers"]  # fmt: skip
+        lines += [group_line(r) for r in res.groups]
         return io.NodeOutput(res.pattern, chart, "\n".join(lines))

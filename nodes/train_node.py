@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..surgun_core.backends.comfy import ComfyBackend, apply_delta
 from ..surgun_core.concepts import KINDS
 from ..surgun_core.config import EraseConfig
+from ..surgun_core.engine.localize import group_line
 from ..surgun_core.recipes import family_of
 from ..surgun_core.registry import AUTO_BLOCKS
 from ..surgun_core.surgun import erase
@@ -140,7 +141,7 @@ def train_report(result) -> str:
     if result.localization:
         loc = result.localization
         lines.append(f"blocks (auto): {', '.join(loc.chosen)}" + (" (cached)" if loc.cached else ""))
-        lines += [f"  {r['name']:<22} erase {r['erase']:.2f}  retain {r['retain']:.2f}" for r in loc.groups]
+        lines += [f"  {group_line(r)}" for r in loc.groups]
     if result.calibration:
         cal = result.calibration
         lines.append(f"calibration: shipped step {cal.chosen_step}: {cal.reason}")

@@ -56,18 +56,21 @@ def plot_curve(result: CalibrationResult, path: str | os.PathLike | None = None,
 
 
 def plot_groups(result: LocalizeResult, path: str | os.PathLike | None = None) -> Image.Image:
-    """One row per candidate block group: erase (red) and retain (blue) bars; chosen groups marked."""
+    """One row per candidate block group: its gradient share (red), or its short run's erase (red) and retain
+    (blue) bars; chosen groups marked."""
     rows = result.groups
+    keys = (("share", ERASE),) if rows and "share" in rows[0] else (("erase", ERASE), ("retain", RETAIN))
+    what = "share of the loss's Adam gain" if len(keys) == 1 else "erase (red) and retain (blue) of a short run"
     label_w, bar_w, row_h, top = 170, 300, 26, 40
     img = Image.new("RGB", (label_w + bar_w + 70, top + row_h * max(1, len(rows)) + 10), (252, 252, 252))
     d = ImageDraw.Draw(img)
-    d.text((8, 6), "SurgUn localization: erase (red) and retain (blue) of a short run per block group", fill=(0, 0, 0))
+    d.text((8, 6), f"SurgUn localization: {what} per block group", fill=(0, 0, 0))
     d.text((8, 20), "chosen: " + (", ".join(result.chosen) or "none"), fill=CHOSEN)
     for i, r in enumerate(rows):
         y = top + i * row_h
         chosen = r["name"] in result.chosen
         d.text((8, y + 6), ("* " if chosen else "  ") + r["name"], fill=CHOSEN if chosen else (0, 0, 0))
-        for j, (key, colour) in enumerate((("erase", ERASE), ("retain", RETAIN))):
+        for j, (key, colour) in enumerate(keys):
             yy = y + 3 + j * 10
             d.rectangle([label_w, yy, label_w + bar_w * r[key], yy + 8], fill=colour)
             d.text((label_w + bar_w + 6, yy - 2), f"{r[key]:.2f}", fill=colour)

@@ -8,9 +8,10 @@ config and the model alone, phase for phase, in the meter's own phase names:
   training images               the training images, drawn by the first training run; the later runs find
                                  them in the image cache
   localization/training images  the same, when localization's first short run comes first (no first fit)
-  localization/training          per candidate group (engine/localize.candidate_groups) localize_steps steps
-  localization/probe images      per group, the probe set (localize_probe_seeds seeds) drawn with its LoRA on
-  localization/judging           per group, the judge on those images
+  localization/training          localize_method "gradient": localize_batches steps on every group at once;
+                                 "short-runs": per candidate group (localize.candidate_groups) localize_steps
+  localization/probe images      "short-runs": per group, the probe set (localize_probe_seeds seeds) drawn
+  localization/judging           with its LoRA on, and the judge on those images
   training                       per full run, steps x the forwards of one step (engine/train.surgun_backward)
   calibration/probe images       per scored checkpoint, the probe set (probe_seeds seeds)
   calibration/judging            per scored checkpoint, the judge on those images
@@ -23,7 +24,8 @@ group run, a second run scored in full) and the fewest (the widest group kept on
 A sampler step is one row per image, two with classifier-free guidance (guidance != 1; sampling._guided).
 One training step: the target and distractor batches in one forward with a backward (3 per row, 2B rows;
 B rows without distractors or contrast), and with the retain anchor its no-grad reference (1 per row) and
-its forward with a backward (3 per row). The diffusion judge: images x timesteps x labels x label prompts.
+its forward with a backward (3 per row). The diffusion judge: images x timesteps x labels, each label inside
+the image's own prompt.
 The plan assumes empty caches (no training image and no localization cached) and that every step runs
 (training stops early only on a non-finite loss); cached images cost nothing, so a rerun costs less.
 
@@ -47,7 +49,7 @@ from .backends.base import Backend
 from .config import EraseConfig
 from .engine.localize import candidate_groups
 from .engine.train import StepBatch, surgun_backward
-from .judges.probe import judge_for, probe_set
+from .judges.probe import judge_for, needs_judge, probe_set
 from .judges.scorers import DiffusionScorer, Scorer
 from .lora import LoRASet
 from .meter import total
@@ -120,8 +122,11 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
     groups = len(candidate_groups(backend, cfg.localize_attention)) if auto else 0
     ckpts = n_checkpoints(cfg)
     first_fit = auto and cfg.localize_first_fit  # fewest: the widest group kept, its last checkpoint fits
+    probe = probe_set(cfg)  # fewest: every retained probe image unchanged, so the judge reuses the base's label
+    unchanged = len(probe.rows()) - len([r for r in probe.rows() if r[1] in probe.erased])
     fewest = count_forwards(backend, cfg, scorer, full_runs=[1 if first_fit else min(1, ckpts)],
-                            groups_run=0 if first_fit else None)  # fmt: skip
+                            groups_run=0 if first_fit else None,
+                            reused=unchanged if ckpts or first_fit else 0)  # fmt: skip
     plan = Plan(count_forwards(backend, cfg, scorer), fewest, backend.architecture, cfg.recipe or "(none)",
                 str(backend.device), str(backend.dtype).removeprefix("torch."), groups, ckpts,
                 _assumptions(cfg))  # fmt: skip
@@ -149,22 +154,26 @@ def _assumptions(cfg: EraseConfig) -> list[str]:
 
 
 def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = None, *,
-                   full_runs: list[int] | None = None, groups_run: int | None = None) -> dict[str, int]:  # fmt: skip
+                   full_runs: list[int] | None = None, groups_run: int | None = None,
+                   reused: int = 0) -> dict[str, int]:  # fmt: skip
     """Sample-forwards per meter phase that erase(backend, cfg, scorer=scorer) does (phases with none left out).
 
     What the judge decides sets two things, so they are arguments (default: the most an erase can cost):
         full_runs: checkpoints scored in each full training run, in order (first fit: the widest group's
             run, then, if it let retain fall, the localized blocks' run; otherwise one run).
         groups_run: localization's short runs (0 when the widest group was kept).
+        reused: calibration's probe images the judge did not see again (unchanged from the base model's:
+            judges/probe.same_image); 0: every one judged (the most).
     outcome_of(backend, cfg, result) reads both from a finished erase.
     """
     auto = cfg.blocks.strip() == AUTO_BLOCKS
     first_fit = auto and cfg.localize_first_fit
+    gradient = cfg.localize_method == "gradient"  # one run of localize_batches steps, no probe images
     ckpts = n_checkpoints(cfg)
     if full_runs is None:  # first fit: the widest group's run scored in full (or its last step), then another
         full_runs = [ckpts or 1, ckpts] if first_fit else [ckpts]
     if groups_run is None:
-        groups_run = len(candidate_groups(backend, cfg.localize_attention)) - first_fit if auto else 0
+        groups_run = (1 if gradient else len(candidate_groups(backend, cfg.localize_attention)) - first_fit) * auto
     rows = 1 if cfg.guidance == 1.0 else 2  # rows per image per sampler step
     probe = probe_set(cfg)
     judge = _judge_cost(backend, cfg, scorer)
@@ -180,18 +189,21 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
         add(f"{phase}/probe images", times * n_images * cfg.probe_steps * rows)
         add(f"{phase}/judging", times * judge(n_images, labels))
 
-    if scorer is not None or auto or cfg.calibrate:  # erase() scores the base model first (the retain bar)
+    if scorer is not None or needs_judge(cfg):  # erase() scores the base model first (the retain bar)
         score("reference", n_probe)
-    if groups_run and first_fit and cfg.localize_probe_seeds < cfg.probe_seeds:  # localization's own probe set
+    # localization's own probe set (short runs with fewer seeds than calibration's)
+    if groups_run and first_fit and not gradient and cfg.localize_probe_seeds < cfg.probe_seeds:
         score("reference", n_loc)
     # the training images are drawn once, by the first training run (later runs find them in the image cache):
     # without first fit that is localization's first short run
     images = "localization/training images" if auto and not first_fit else "training images"
     add(images, training_images(cfg) * cfg.sample_steps * rows)
-    add("localization/training", groups_run * cfg.localize_steps * step_forwards(cfg))
-    score("localization", n_loc, groups_run)
+    add("localization/training", groups_run * (cfg.localize_batches if gradient else cfg.localize_steps)
+        * step_forwards(cfg))  # fmt: skip
+    score("localization", n_loc, 0 if gradient else groups_run)
     add("training", len(full_runs) * cfg.steps * step_forwards(cfg))
     score("calibration", n_probe, sum(full_runs))
+    add("calibration/judging", -judge(reused, labels))
     return {k: v for k, v in sorted(out.items()) if v}
 
 
@@ -199,14 +211,16 @@ def outcome_of(backend: Backend, cfg: EraseConfig, result) -> dict:
     """What the judge decided in a finished erase(backend, cfg) (an EraseResult), as count_forwards' arguments:
     count_forwards(backend, cfg, **outcome_of(backend, cfg, result)) is its result.forwards_by_phase."""
     scored = len(result.calibration.curve) if result.calibration else 0
+    reused = sum(r.get("reused", 0) for r in result.calibration.curve) if result.calibration else 0
     loc = result.localization
+    runs = (1 if cfg.localize_method == "gradient" else len(loc.groups)) if loc else 0  # localization's runs
     if not (cfg.blocks.strip() == AUTO_BLOCKS and cfg.localize_first_fit):
-        return {"full_runs": [scored], "groups_run": len(loc.groups) if loc else 0}
+        return {"full_runs": [scored], "groups_run": runs, "reused": reused}
     widest = max(candidate_groups(backend, cfg.localize_attention), key=lambda g: len(g.modules))
     if loc.chosen == [widest.name]:  # kept after its full run (the others skip it)
-        return {"full_runs": [scored if cfg.calibrate else 1], "groups_run": 0}
+        return {"full_runs": [scored if cfg.calibrate else 1], "groups_run": 0, "reused": reused}
     # let go: its last checkpoint did not fit, so calibration scored every checkpoint of that run
-    return {"full_runs": [n_checkpoints(cfg) or 1, scored], "groups_run": len(loc.groups)}
+    return {"full_runs": [n_checkpoints(cfg) or 1, scored], "groups_run": runs, "reused": reused}
 
 
 def training_images(cfg: EraseConfig) -> int:
@@ -245,8 +259,8 @@ def _judge(backend: Backend, cfg: EraseConfig, scorer: Scorer | None) -> Scorer 
 def _judge_cost(backend: Backend, cfg: EraseConfig, scorer: Scorer | None):
     """(images, labels) -> sample-forwards of one judging call."""
     judge = _judge(backend, cfg, scorer)
-    if isinstance(judge, DiffusionScorer):  # every image x timestep under every label's prompts
-        return lambda n, labels: n * judge.timesteps * labels * len(judge.templates)
+    if isinstance(judge, DiffusionScorer):  # every image x timestep under every label, inside its own prompt
+        return lambda n, labels: n * judge.timesteps * labels
     return lambda n, labels: 0
 
 
@@ -259,7 +273,7 @@ def largest_no_grad_batch(backend: Backend, cfg: EraseConfig, scorer: Scorer | N
     probe = len(probe_set(cfg).rows())
     out = [rows * min(cfg.sample_batch_size, training_images(cfg)), rows * min(cfg.sample_batch_size, probe)]
     judge = _judge(backend, cfg, scorer)
-    judged = scorer is not None or cfg.blocks.strip() == AUTO_BLOCKS or cfg.calibrate
+    judged = scorer is not None or needs_judge(cfg)
     if judged and isinstance(judge, DiffusionScorer):
         out.append(min(judge.batch_size, probe * judge.timesteps))  # one label prompt at a time over the batch
     return max(out)

@@ -24,9 +24,14 @@ BLOCK_PRESETS = {
 # localization's candidate groups: "cross" (cross-attention K/V per level, and all of them together),
 # "self" (self-attention per level), "all" (both)
 ATTENTION_KINDS = ("cross", "self", "all")
+# how localization ranks the groups (engine/localize.py): "gradient" (the SurgUn loss's gradient in each group's
+# LoRA over a few steps: no probe images) or "short-runs" (a short run per group, its probe images judged)
+LOCALIZE_METHODS = ("gradient", "short-runs")
 # who judges probe images (judges/scorers.py): the base model itself, the toy world's classifier, a local CLIP
 SCORER_NAMES = ("diffusion", "toy", "clip")
 PRECISIONS = ("float32", "bfloat16", "float16")
+# the learning rate over a run (engine/train.py): "cosine" decays it to 0 by the last step, "constant" keeps it
+LR_SCHEDULES = ("cosine", "constant")
 # attacks on an erasure (attacks/): concept inversion, prompt prefix (UnlearnDiffAtk), concept vector
 # (Ring-A-Bell), phrasings never trained on
 ATTACK_NAMES = ("inversion", "prefix", "concept_vector", "phrasings")

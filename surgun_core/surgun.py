@@ -21,7 +21,7 @@ from .config import EraseConfig
 from .engine.calibrate import CalibrationResult, calibrate
 from .engine.localize import LocalizeResult, localize, widest_group
 from .engine.train import Cancel, Progress, train_delta
-from .judges.probe import ProbeScores, ProbeSet, fits, judge_for, probe_set, reference_scores
+from .judges.probe import ProbeScores, ProbeSet, fits, judge_for, needs_judge, probe_set, reference_scores
 from .judges.scorers import Scorer
 from .lora import LoraDelta, LoRASet
 from .meter import peak_memory_mb, total
@@ -77,7 +77,7 @@ def erase(
     cache = cache or ImageCache(default_cache_dir())
     auto = cfg.blocks.strip() == AUTO_BLOCKS
     probe = probe_set(cfg)
-    if scorer is None and (auto or cfg.calibrate):
+    if scorer is None and needs_judge(cfg):
         scorer = judge_for(cfg, backend)
     # 0. the base model's scores on the probe set, before any LoRA is on
     reference = None

@@ -6,7 +6,7 @@ from surgun_core.cli import main
 
 # the whole method but tiny (as tests/test_cli.py); fixed blocks skip localization unless a test wants it
 FAST = {"images_per_concept": 2, "sample_steps": 2, "templates": ["a {}"], "localize_steps": 1, "probe_seeds": 1,
-        "probe_retained": 1}  # fmt: skip
+        "probe_retained": 1, "localize_batches": 1}  # fmt: skip
 ERASE = ["erase", "--model", "toy", "--concept", "circle", "--distractor", "square", "--distractor", "ring"]
 
 

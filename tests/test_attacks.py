@@ -217,12 +217,12 @@ def test_audit_refuses_unknown_attacks_before_any_work(toy_backend, scorer):
 def test_inversion_brings_an_erased_circle_back(toy_backend, scorer):
     """Erase circle with the toy recipe, then invert: the word no longer draws circles, a learned token does.
 
-    Time: 40 erase steps instead of the recipe's 200 and no calibration (the `surgun demo` delta is the
-    checkpoint calibration chose at step 40 of 200, on the same cross-attention keys/values); inversion with 300
+    Time: 40 erase steps at the recipe's learning rate held constant (the recipe's 120 decay on a cosine) and no
+    calibration, on every level's cross-attention keys/values (what the demo trains); inversion with 300
     steps on 24 images instead of the toy default (600 on 40), on 20 images. Measured: 0.60 and 0.55 (seeds 0
     and 1) against 0.0 for the plain "a <colour> circle"; an untrained token gives about 0.3 (see the report).
     """
-    cfg = toy_config("circle", blocks="cross-attn-kv", calibrate=False, steps=40)
+    cfg = toy_config("circle", blocks="cross-attn-kv", calibrate=False, steps=40, lr_schedule="constant")
     result = erase(toy_backend, cfg, cache=ImageCache())
     try:
         plain, _ = run_attack("phrasings", toy_backend, "circle", "object", scorer, result.lora.disabled,

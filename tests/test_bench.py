@@ -12,7 +12,7 @@ from surgun_core.errors import ConfigError
 
 # tiny runs: the real recipe and the papers' iterations take minutes per method
 TINY = dict(steps=2, images_per_concept=2, sample_steps=2, batch_size=2, localize_steps=1, probe_seeds=1,
-            probe_retained=1, baseline_iterations=2, baseline_lr=1e-4,
+            probe_retained=1, localize_batches=1, baseline_iterations=2, baseline_lr=1e-4,
             baseline_options={"esd-x": {"ddim_steps": 4}, "esd-u": {"ddim_steps": 4},
                               "ca": {"n_images": 4, "sample_steps": 4, "batch_size": 2}})  # fmt: skip
 

@@ -11,7 +11,7 @@ from surgun_core.toyworld.paths import MODEL_DIR
 
 # the full method (localization + calibration) but tiny: 1 step per block group, 1 probe seed
 FAST = {"images_per_concept": 2, "sample_steps": 2, "templates": ["a {}"], "localize_steps": 1, "probe_seeds": 1,
-        "probe_retained": 1}  # fmt: skip
+        "probe_retained": 1, "localize_batches": 1}  # fmt: skip
 
 
 def run(capsys, *argv):

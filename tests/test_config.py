@@ -60,6 +60,10 @@ def test_concept_as_its_own_distractor():
         ("judge_prompts", 0, ">= 1"),
         ("localize_probe_seeds", 0, ">= 1"),
         ("retain_tolerance", 1.5, "[0, 1)"),
+        ("localize_method", "saliency", "gradient, short-runs"),
+        ("localize_mass", 0.0, "(0, 1]"),
+        ("localize_batches", 0, ">= 1"),
+        ("lr_schedule", "linear", "cosine, constant"),
     ],
 )
 def test_bad_values_name_the_field(field, value, needle):

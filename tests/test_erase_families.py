@@ -70,14 +70,16 @@ def test_delta_of_another_architecture_is_refused(tmp_path):
 def test_full_method_localizes_and_calibrates(backend):
     """blocks="auto" + calibration with the default scorer (the base model as a diffusion classifier)."""
     settings = {**FAST, "blocks": "auto", "calibrate": True, "steps": 4}
-    cfg = EraseConfig(concepts=["cat"], distractors=["car", "tree"], **settings, localize_steps=1, probe_seeds=1,
+    cfg = EraseConfig(concepts=["cat"], distractors=["car", "tree"], **settings, localize_batches=1, probe_seeds=1,
                       probe_templates=["a {}"], probe_retained=1)  # fmt: skip
     result = erase(backend, cfg)
     try:
         assert result.localization.chosen and result.localization.groups
-        # checkpoints every steps/5 (>= 1); the last is scored first and, when it shows no retain fall, alone
-        steps = [r["step"] for r in result.calibration.curve]
-        assert steps == [1, 2, 3, 4] or (steps == [4] and "earlier steps not scored" in result.calibration.reason)
+        # checkpoints every steps/5 (>= 1), scored latest first: the first with no retain fall ships, alone with
+        # the later ones; none fits: all of them scored
+        cal = result.calibration
+        steps = [r["step"] for r in cal.curve]
+        assert steps == [1, 2, 3, 4] or (steps == list(range(cal.chosen_step, 5)) and "not scored" in cal.reason)
         assert result.delta.metadata["surgun.step_chosen"] == str(result.calibration.chosen_step)
         assert set(result.lora.names) <= set(backend.attention_linears())
     finally:

@@ -11,9 +11,12 @@ from surgun_core.config import EraseConfig
 from surgun_core.demo import toy_config
 from surgun_core.engine.calibrate import CalibrationResult, choose_step
 from surgun_core.engine.localize import ALL_CROSS, candidate_groups, choose_groups, localize
+from surgun_core.engine.saliency import choose_by_mass
 from surgun_core.errors import Cancelled, ConfigError
-from surgun_core.judges.probe import ProbeSet, probe_set, score_probe
+from surgun_core.judges.probe import ProbeScores, ProbeSet, probe_set, same_image, score_probe
 from surgun_core.judges.scorers import DiffusionScorer, ToyScorer, make_scorer
+from surgun_core.lora import LoRASet
+from surgun_core.plan import step_forwards
 from surgun_core.surgun import erase
 from surgun_core.testing import tiny_backend
 from surgun_core.toyworld.world import SHAPES
@@ -74,6 +77,43 @@ def test_choose_step_on_a_synthetic_curve():
     assert "no step reached" in why and step == 40  # best harmonic mean: erase ties, retain highest
 
 
+def test_calibration_scores_latest_first_and_stops_at_the_first_that_fits(toy_backend, monkeypatch):
+    # The judge's verdicts stand in for scored probe images (a curve chosen to exercise the rule): each
+    # checkpoint's LoRA carries its step in a weight, and the stand-in reads the curve's row for that step.
+    from surgun_core.engine import calibrate as cal_mod
+
+    curve = {20: (0.5, 1.0), 40: (0.95, 0.98), 60: (1.0, 0.97), 80: (1.0, 0.85), 100: (1.0, 0.80)}
+    lset = LoRASet(toy_backend.lora_targets(r"attn2\.to_k$"), rank=1).attach()
+    first = next(iter(lset.layers.state_dict()))
+    states = []
+    for step in curve:
+        st = lset.snapshot()
+        st[first] = torch.full_like(st[first], float(step))
+        states.append((step, st))
+    scored = []
+
+    def judged(*_a, **_k):
+        step = int(lset.layers.state_dict()[first].flatten()[0])
+        scored.append(step)
+        e, r = curve[step]
+        return ProbeScores(e, r, {})
+
+    monkeypatch.setattr(cal_mod, "score_probe", judged)
+    try:
+        res = cal_mod.calibrate(toy_backend, lset, states, None, None, 0.9, tolerance=0.03,
+                                reference=ProbeScores(0.0, 0.99, {}))  # fmt: skip
+        assert scored == [100, 80, 60] and res.chosen_step == 60 and "latest that fits" in res.reason
+        assert [r["step"] for r in res.curve] == [60, 80, 100]  # step order; 20 and 40 never scored
+        assert int(lset.layers.state_dict()[first].flatten()[0]) == 60  # the LoRA holds the shipped step
+        scored.clear()
+        res = cal_mod.calibrate(toy_backend, lset, states, None, None, 0.9, tolerance=0.01,
+                                reference=ProbeScores(0.0, 1.0, {}))  # fmt: skip
+        # none fits: all scored, choose_step decides (retain within 0.01 of the best 0.98: 40 and 60; the most erased)
+        assert scored == [100, 80, 60, 40, 20] and res.chosen_step == 60
+    finally:
+        lset.detach()
+
+
 def test_plot_curve_writes_a_png(tmp_path):
     res = CalibrationResult(80, 0.9, "why", [{"step": 40, "erase": 0.5, "retain": 1.0, "h": 0.67},
                                              {"step": 80, "erase": 1.0, "retain": 0.9, "h": 0.95}])  # fmt: skip
@@ -122,7 +162,7 @@ def test_probe_scores_base_model(toy_backend, toy_classifier):
 
 
 def test_localize_ranks_every_group_and_caches(toy_backend, toy_classifier, tmp_path):
-    cfg = toy_config("circle", **TINY)
+    cfg = toy_config("circle", localize_method="short-runs", **TINY)
     scorer = ToyScorer(toy_backend, toy_classifier)
     probe = probe_set(cfg)
     res = localize(toy_backend, cfg, scorer, probe, cache_dir=tmp_path)
@@ -133,6 +173,50 @@ def test_localize_ranks_every_group_and_caches(toy_backend, toy_classifier, tmp_
     again = localize(toy_backend, cfg, scorer, probe, cache_dir=tmp_path)
     assert again.cached and again.chosen == res.chosen and list(tmp_path.glob("*.json"))
     assert plot_groups(res, tmp_path / "groups.png").size[1] > 40 * len(res.groups) // 2
+
+
+def test_gradient_localization_ranks_levels_by_their_share_and_draws_no_probe_image(toy_backend, tmp_path):
+    cfg = toy_config("circle", localize_batches=2, localize_mass=0.6, **TINY)
+    assert cfg.localize_method == "gradient"  # the default
+    before = toy_backend.meter.snapshot()
+    res = localize(toy_backend, cfg, None, probe_set(cfg), cache_dir=tmp_path)
+    spent = toy_backend.meter.since(before)
+    levels = {g.name for g in candidate_groups(toy_backend, "cross")} - {ALL_CROSS}  # the union is not ranked
+    assert {r["name"] for r in res.groups} == levels
+    shares = [r["share"] for r in res.groups]
+    assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(1.0) and min(shares) > 0
+    assert res.chosen == choose_by_mass(res.groups, 0.6) and sum(shares[: len(res.chosen)]) >= 0.6
+    assert sum(shares[: len(res.chosen) - 1]) < 0.6  # no more groups than the mass needs
+    # two SurgUn steps on the union of the levels, and the training images they need: nothing judged
+    step = step_forwards(cfg)
+    assert spent == {"localization/training": 2 * step, "localization/training images": spent.get(
+        "localization/training images", 0)}  # fmt: skip
+    assert not any(m._forward_hooks for m in toy_backend.denoiser.modules())  # the LoRA came off
+    assert localize(toy_backend, cfg, None, probe_set(cfg), cache_dir=tmp_path).cached
+    assert plot_groups(res, tmp_path / "groups.png").size[1] > 20 * len(res.groups)
+
+
+def test_choose_by_mass_keeps_the_fewest_groups_that_carry_it():
+    rows = [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.3}, {"name": "c", "share": 0.2}]
+    assert choose_by_mass(rows, 0.5) == ["a"]
+    assert choose_by_mass(rows, 0.8) == ["a", "b"]
+    assert choose_by_mass(rows, 0.81) == ["a", "b", "c"]
+    assert choose_by_mass(rows, 1.0) == ["a", "b", "c"]
+
+
+def test_judge_reuses_its_judgement_of_an_unchanged_image_only(toy_backend, toy_classifier):
+    backend, probe = toy_backend, ProbeSet(["circle"], ["square", "ring"], ["a {}"], [5, 6])
+    judge = DiffusionScorer(backend, "object", ["a {}"], timesteps=2)
+    base = score_probe(backend, judge, probe, steps=4)
+    assert base.judged and len(base.judged) == 6 and base.reused == 0
+    x0 = base.x0.clone()
+    x0[1] = x0[1] + 0.5 * x0[1].norm() / x0[1].numel() ** 0.5  # image 1 changed; the others the same
+    before = backend.meter.snapshot()
+    again = score_probe(backend, judge, probe, steps=4, x0=x0, reuse=base)
+    per_image = backend.meter.since(before)["judging"]
+    assert again.reused == 5 and per_image == 2 * 3  # one image judged: 2 timesteps x 3 labels
+    assert again.judged[:1] + again.judged[2:] == base.judged[:1] + base.judged[2:]
+    assert same_image(x0, base.x0).tolist() == [True, False, True, True, True, True]
 
 
 def test_manual_blocks_override_skips_localization(toy_backend):

@@ -38,12 +38,17 @@ SMALL = dict(
     probe_retained=1,
     probe_templates=["a {}"],
     localize_first_fit=True,  # the widest group first; the "ranked" cases turn it off
+    localize_method="short-runs",  # pixel-grounded short runs; the "gradient" cases use the default
 )
 CASES = {
     "fixed blocks": dict(blocks="cross-attn-kv", calibrate=False),
     "localization + calibration": dict(),
     "localization, no calibration": dict(calibrate=False),  # the widest group's run still scores its last step
-    "ranked localization (the default) + calibration": dict(localize_first_fit=False),
+    "ranked localization + calibration": dict(localize_first_fit=False),
+    "gradient localization (the default) + calibration": dict(localize_first_fit=False, localize_method="gradient",
+                                                              localize_batches=2),
+    "gradient localization, erased": dict(localize_first_fit=False, localize_method="gradient", steps=10, lr=3e-2,
+                                          batch_size=4, images_per_concept=4, sample_steps=6, probe_sample_steps=6),
     # strong enough to erase: first fit stops at the widest group, calibration at the last checkpoint
     "localization + calibration, erased": dict(steps=10, localize_steps=10, lr=3e-2, batch_size=4,
                                                images_per_concept=4, sample_steps=6, probe_sample_steps=6),
@@ -71,9 +76,11 @@ def test_plan_counts_equal_what_erase_meters(toy_backend, case):
     assert count_forwards(toy_backend, cfg, **outcome) == result.forwards_by_phase
     for phase, n in result.forwards_by_phase.items():
         assert plan.fewest_by_phase.get(phase, 0) <= n <= plan.forwards_by_phase[phase]
-    if outcome == {"full_runs": [plan.checkpoints], "groups_run": plan.candidate_groups}:  # all the work: the most
+    runs = 1 if cfg.localize_method == "gradient" else plan.candidate_groups
+    if outcome == {"full_runs": [plan.checkpoints], "groups_run": runs, "reused": 0}:  # all the work: the most
         assert result.forwards_by_phase == plan.forwards_by_phase
-    if result.localization and outcome == {"full_runs": [1], "groups_run": 0}:  # the widest group kept at once
+    unchanged = cfg.probe_retained  # retained probe images (1 template, 1 seed: one per concept)
+    if result.localization and outcome == {"full_runs": [1], "groups_run": 0, "reused": unchanged}:  # widest kept
         assert result.forwards_by_phase == plan.fewest_by_phase
     if not cfg.calibrate and not (result.localization and cfg.localize_first_fit):  # nothing left to the judge
         assert plan.forwards_by_phase == result.forwards_by_phase == plan.fewest_by_phase
@@ -90,6 +97,10 @@ def test_plan_phases_follow_the_config(toy_backend):
     ranked = plan_erase(toy_backend, toy_config("circle", **{**SMALL, "localize_first_fit": False}), memory=False)
     assert ranked.forwards_by_phase["localization/training"] == plan.candidate_groups * 2 * step_forwards(cfg)
     assert ranked.forwards_by_phase["localization/training images"] == plan.forwards_by_phase["training images"]
+    grad = plan_erase(toy_backend, toy_config("circle", **{**SMALL, "localize_first_fit": False,
+                                                           "localize_method": "gradient"}), memory=False)  # fmt: skip
+    assert grad.forwards_by_phase["localization/training"] == cfg.localize_batches * step_forwards(cfg)
+    assert not any(k.startswith(("localization/probe", "localization/judging")) for k in grad.forwards_by_phase)
     fixed = plan_erase(toy_backend, toy_config("circle", **SMALL, blocks="cross-attn-kv"), memory=False)
     assert fixed.candidate_groups == 0 and not any(k.startswith("localization") for k in fixed.forwards_by_phase)
     assert fixed.forwards_by_phase["training images"] == plan.forwards_by_phase["training images"]

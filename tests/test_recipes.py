@@ -42,7 +42,7 @@ def test_three_front_ends_one_recipe(toy_backend, parsing):
                                 guidance=r(0.0), seed=0, extra={"front_end": "comfyui"})  # fmt: skip
     assert cli.recipe == tab.recipe == node.recipe == "toy"
     assert _settings(cli) == _settings(tab) == _settings(node)
-    assert (cli.steps, cli.lr, cli.guidance) == (200, 6e-3, 4.0)  # the toy recipe, not EraseConfig's defaults
+    assert (cli.steps, cli.lr, cli.guidance) == (120, 1e-2, 4.0)  # the toy recipe, not EraseConfig's defaults
 
 
 def test_user_settings_override_only_what_was_set():

@@ -1,10 +1,13 @@
 """The two-part backward of one training step equals autograd's gradient of the one-expression loss."""
 
+import itertools
+
 import torch
 
 from surgun_core.backends.base import cond_cat
+from surgun_core.cache import ImageCache
 from surgun_core.config import EraseConfig
-from surgun_core.engine.train import StepBatch, surgun_backward, surgun_loss
+from surgun_core.engine.train import StepBatch, surgun_backward, surgun_loss, train_delta
 from surgun_core.lora import LoRASet
 from surgun_core.testing import tiny_backend
 
@@ -49,3 +52,21 @@ def test_two_part_backward_equals_one_expression():
         assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7), (a - p.grad).abs().max()
     assert any(a.abs().sum() > 0 for a in two_part)
     lset.detach()
+
+
+def _step_sizes(backend, schedule: str) -> list[float]:
+    """The LoRA's change at each step of an 8-step run (checkpoints every step)."""
+    cfg = EraseConfig(concepts=["cat"], distractors=["dog"], templates=["a {}"], steps=8, lr=1e-2, batch_size=2,
+                      images_per_concept=2, sample_steps=2, lr_schedule=schedule)  # fmt: skip
+    res = train_delta(backend, cfg, r"attn2\.(to_k|to_v)$", cache=ImageCache(None), checkpoint_every=1)
+    res.lora.detach()
+    states = [s for _, s in res.checkpoints]
+    return [sum(float((b[k] - a[k]).norm() ** 2) for k in a) ** 0.5 for a, b in itertools.pairwise(states)]
+
+
+def test_cosine_schedule_ends_the_run_settled():
+    backend = tiny_backend("sd1")
+    cosine, constant = _step_sizes(backend, "cosine"), _step_sizes(backend, "constant")
+    # Adam's steps are about lr long: cosine's last is cos-decayed to ~4% of its first, constant's is not
+    assert cosine[-1] < 0.15 * cosine[0]
+    assert constant[-1] > 0.3 * constant[0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .. import lora, meter, objectives, recipes, sampling, surgun
 from ..cache import ImageCache
 from ..demo import toy_config
-from ..engine import calibrate, data, localize, train
+from ..engine import calibrate, data, localize, saliency, train
 from ..engine.localize import clear_memory_cache
 from ..errors import ConfigError
 from ..judges import probe, scorers
@@ -51,7 +51,8 @@ TUNED = {f"{b}-tuned": b for b in ("esd-x", "esd-u", "ca")}
 METHODS = [*ABLATIONS, *BASELINES, *TUNED]
 MAIN_METHODS = ["surgun", *BASELINES]
 # the code each family of methods runs (its source is part of method_signature)
-_SURGUN_CODE = (surgun, train, localize, calibrate, probe, scorers, data, lora, objectives, sampling, recipes, meter)
+_SURGUN_CODE = (surgun, train, localize, saliency, calibrate, probe, scorers, data, lora, objectives, sampling, recipes,
+                meter)  # fmt: skip
 _BASELINE_CODE = (_common, objectives, sampling, meter)
 
 

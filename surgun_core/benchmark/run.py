@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import platform
+import re
 import threading
 import time
 from pathlib import Path
@@ -208,7 +209,10 @@ def _agreement(judges: tuple[DiffusionScorer, DiffusionScorer], imgs, clf) -> tu
     """Share of images where the diffusion classifier names the same shape and colour as the ground truth."""
     x0 = imgs.images * 2 - 1  # the toy model works in pixel space: x0 is the image in [-1, 1]
     shapes, colours = clf.predict(x0)
-    js, jc = judges[0].predict(x0, list(SHAPES)), judges[1].predict(x0, list(COLOURS))
+    # each attribute judged inside the image's own prompt, the attribute's word replaced (as probe images are)
+    own_s = [re.sub(rf"\b{s}\b", "{}", p, count=1) for p, s in zip(imgs.prompts, imgs.shapes)]
+    own_c = [re.sub(rf"\b{c}\b", "{}", p, count=1) for p, c in zip(imgs.prompts, imgs.colours)]
+    js, jc = judges[0].predict(x0, list(SHAPES), own_s), judges[1].predict(x0, list(COLOURS), own_c)
     hits = [a == b for a, b in zip(js, shapes)] + [a == b for a, b in zip(jc, colours)]
     return sum(hits) / len(hits), len(hits)
 

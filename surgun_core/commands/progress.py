@@ -16,7 +16,7 @@ class TqdmProgress:
         "images": "generating training images",
         "train": "erasing",
         "evaluate": "sampling before/after",
-        "localize": "localizing (short run per block group)",
+        "localize": "localizing (which attention blocks)",
         "calibrate": "calibrating (scoring checkpoints)",
         "probe": "probing (drawing and judging images)",
     }

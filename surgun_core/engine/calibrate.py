@@ -1,9 +1,11 @@
 """Checkpoint calibration (DESIGN.md section 1): which training step to ship.
 
-The LoRA is kept every N steps; each checkpoint's probe images are scored for erase and retain. The last
-checkpoint ships unless the judge sees retain fall there (bench ablation: on the toy world the last step
-scored H >= the calibrated one on every concept, and the earlier rule shipped step 80 of 200 on four
-concepts, costing retention on two). When retain falls: among the checkpoints that reach the erase
+The LoRA is kept every N steps; each checkpoint's probe images are scored for erase and retain, latest
+first: the latest that erases with no retain fall against the base model ships (bench ablation: on the toy
+world the last step scored H >= the calibrated one on every concept, and the earlier rule shipped step 80 of
+200 on four concepts, costing retention on two; but some concepts let retain fall late: erasing "ring", the
+ground truth's retain went 1.00, 0.85, 0.74 at steps 40, 60, 120, triangles drawn as rings). When none fits,
+every checkpoint is scored: among the checkpoints that reach the erase
 threshold, those whose retain is within a tolerance of the best retain tie; of these the one that erases
 most is chosen, and of equals the latest. If none reaches the threshold, the best harmonic mean. Why the
 latest of equals (DESIGN.md said the earliest): probe scores saturate, and a checkpoint that first reaches
@@ -70,10 +72,11 @@ def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict
               reference: ProbeScores | None = None, batch_size: int = 64) -> CalibrationResult:  # fmt: skip
     """Score the checkpoints on the probe set; leave `lora` holding the chosen one.
 
-    With the base model's own scores on the probe set (`reference`), the last checkpoint is scored first and
-    ships when it reaches the erase threshold with retain within `tolerance` of the base model's: the judge
-    sees no retain fall, and the other checkpoints are not scored. Otherwise every checkpoint is scored and
-    choose_step decides.
+    With the base model's own scores on the probe set (`reference`), checkpoints are scored latest first and
+    the first that reaches the erase threshold with retain within `tolerance` of the base model's ships (the
+    judge sees no retain fall there; erasure grows and retain falls with the steps, so it is the most erased
+    one that keeps retain); the earlier ones are not scored. When none fits, every checkpoint has been scored
+    and choose_step decides.
 
     Args:
         lora: the attached LoRASet the checkpoints were taken from.
@@ -88,21 +91,26 @@ def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict
             raise Cancelled("erase cancelled by the user during calibration; nothing was written")
         lora.restore(state)
         with backend.meter.phase("calibration"):
-            sc = score_probe(backend, scorer, probe, steps, guidance, judge=lora.disabled, batch_size=batch_size)
-        rows[step] = {"step": step, "erase": sc.erase, "retain": sc.retain, "h": sc.h}
+            sc = score_probe(backend, scorer, probe, steps, guidance, judge=lora.disabled, batch_size=batch_size,
+                             reuse=reference)  # fmt: skip
+        rows[step] = {"step": step, "erase": sc.erase, "retain": sc.retain, "h": sc.h, "reused": sc.reused}
         log.info("calibration: step %5d  erase %.2f  retain %.2f", step, sc.erase, sc.retain)
         progress("calibrate", len(rows), len(checkpoints), {"erase": sc.erase, "retain": sc.retain})
         return rows[step]
 
-    last_step, last_state = checkpoints[-1]
-    last = score(last_step, last_state)
-    if reference is not None and fits(last["erase"], last["retain"], threshold, reference.retain, tolerance):
-        why = (f"the last step: erase {last['erase']:.2f} >= {threshold:g} and retain {last['retain']:.2f} within "
-               f"{tolerance:g} of the base model's ({reference.retain:.2f}); earlier steps not scored")  # fmt: skip
-        progress("calibrate", len(checkpoints), len(checkpoints), {})
-        return CalibrationResult(last_step, threshold, why, [last])
-    for step, state in checkpoints[:-1]:
-        score(step, state)
+    if reference is not None:  # latest first: the first that fits ships, the earlier ones are not scored
+        for step, state in reversed(checkpoints):
+            row = score(step, state)
+            if fits(row["erase"], row["retain"], threshold, reference.retain, tolerance):
+                which = "the last step" if step == checkpoints[-1][0] else f"step {step}, the latest that fits"
+                why = (f"{which}: erase {row['erase']:.2f} >= {threshold:g} and retain {row['retain']:.2f} "
+                       f"within {tolerance:g} of the base model's ({reference.retain:.2f}); earlier steps not "
+                       "scored")  # fmt: skip
+                progress("calibrate", len(checkpoints), len(checkpoints), {})
+                return CalibrationResult(step, threshold, why, [rows[s] for s, _ in checkpoints if s in rows])
+    for step, state in checkpoints:
+        if step not in rows:
+            score(step, state)
     curve = [rows[step] for step, _ in checkpoints]
     chosen, why = choose_step(curve, threshold, tolerance)
     lora.restore(dict(checkpoints)[chosen])

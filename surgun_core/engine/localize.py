@@ -1,11 +1,18 @@
-"""Pixel-grounded localization (DESIGN.md section 1): which attention blocks should carry the erasure.
+"""Localization (DESIGN.md section 1): which attention blocks should carry the erasure.
 
 Candidate groups are attention blocks grouped by resolution level (UNet: down/mid/up x channel width, for
-cross-attention K/V or self-attention) or by depth (DiT: early/middle/late thirds of the blocks). Each
-group gets a short SurgUn run restricted to it; probe images (fixed seeds) are generated and scored for
-erase and retain; the groups that reach the erase threshold with the best retain are kept (else the best
-harmonic mean). Suppression works from almost any block; retention is block-selective (paper), so the
-ranking is mostly a retain ranking. Results are cached per (model fingerprint, concepts, settings).
+cross-attention K/V or self-attention) or by depth (DiT: early/middle/late thirds of the blocks). Two ways to
+rank them (EraseConfig.localize_method):
+  gradient    (default, saliency.py) a few SurgUn steps on every level at once; each level scored by its
+              share of the loss's Adam gain (sum |grad|); the levels carrying localize_mass of it are kept. No probe
+              image: it costs localize_batches training steps.
+  short-runs  (the paper's pixel-grounded diagnostic) each group gets a short SurgUn run restricted to it;
+              probe images (fixed seeds) are generated and scored for erase and retain; the groups that reach
+              the erase threshold with the best retain are kept (else the best harmonic mean). Suppression
+              works from almost any block; retention is block-selective (paper), so the ranking is mostly a
+              retain ranking. It costs a short run and a judged probe set per group: on the toy world more
+              than the erase it located, and the widest set it could choose scored best (README).
+Results are cached per (model fingerprint, concepts, settings).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from ..io import write_json
 from ..judges.probe import ProbeScores, ProbeSet, fits, judge_for, probe_set, score_probe
 from ..judges.scorers import Scorer
 from ..registry import ATTENTION_KINDS
+from .saliency import choose_by_mass, gradient_shares
 from .train import train_delta
 
 log = logging.getLogger(__name__)
@@ -128,7 +136,7 @@ def choose_groups(rows: list[dict], threshold: float, keep: int) -> list[str]:
     return [r["name"] for r in (ok + rest)[:keep]]
 
 
-def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet, *, progress=None, cancel=None,
+def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer | None, probe: ProbeSet, *, progress=None, cancel=None,
              cache: ImageCache | None = None, cache_dir: Path | None = None,
              reference: Reference | None = None, skip: tuple[str, ...] = ()) -> LocalizeResult:  # fmt: skip
     """Short runs on the candidate groups; return the chosen ones.
@@ -155,6 +163,10 @@ def localize(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet
     if hit is not None:
         log.info("localization: cached result %s", hit.chosen)
         return hit
+    if cfg.localize_method == "gradient":
+        result = _by_gradient(backend, cfg, groups, progress, cancel, cache, t0)
+        _store(folder, key, result)
+        return result
     short = _short_config(cfg)
     progress("localize", 0, len(groups), {})
     base = None  # the base model's retain: with it, the first group that fits stops the ranking
@@ -201,6 +213,30 @@ def _rank(backend, cfg, short, groups, scorer, probe, progress, cancel, cache, b
     return rows
 
 
+def _by_gradient(backend, cfg, groups, progress, cancel, cache, t0) -> LocalizeResult:
+    """cfg.localize_method "gradient" (saliency.py): the levels (not their union) ranked by gradient share."""
+    levels = [g for g in groups if g.name != ALL_CROSS] or groups
+    progress("localize", 0, 1, {})
+    with backend.meter.phase("localization"):
+        rows = gradient_shares(backend, cfg, levels, cancel, cache)
+    chosen = choose_by_mass(rows, cfg.localize_mass)
+    progress("localize", 1, 1, {"groups": len(chosen)})
+    by_name = {g.name: g for g in levels}
+    modules = list(dict.fromkeys(m for name in chosen for m in by_name[name].modules))
+    why = (
+        f"the {len(chosen)} of {len(rows)} groups carrying {sum(r['share'] for r in rows[: len(chosen)]):.2f} "
+        f"(>= {cfg.localize_mass:g}) of the SurgUn loss's Adam gain (sum |grad|) over {cfg.localize_batches} steps"
+    )
+    return LocalizeResult(chosen, BlockGroup("chosen", modules).pattern, rows, time.time() - t0, reason=why)
+
+
+def group_line(row: dict) -> str:
+    """One ranked group as text (node and report outputs): its gradient share or its short run's scores."""
+    if "share" in row:
+        return f"{row['name'][:24]:<24} {row['layers']:>6}  gradient share {row['share']:.2f}"
+    return f"{row['name'][:24]:<24} {row['layers']:>6}  erase {row['erase']:.2f}  retain {row['retain']:.2f}"
+
+
 def localize_for(backend: Backend, cfg: EraseConfig, progress=None, cancel=None,
                  cache: ImageCache | None = None) -> LocalizeResult:  # fmt: skip
     """Localization alone, with the erasure's own probe set and scorer (the SurgUn Localize node's call)."""
@@ -214,10 +250,11 @@ def _short_config(cfg: EraseConfig) -> EraseConfig:
     return EraseConfig.from_dict(data)
 
 
-def _key(backend: Backend, cfg: EraseConfig, scorer: Scorer, probe: ProbeSet, groups: list[BlockGroup]) -> str:
+def _key(backend: Backend, cfg: EraseConfig, scorer: Scorer | None, probe: ProbeSet, groups: list[BlockGroup]) -> str:
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "steps", "checkpoint_every",
                                                                       "calibrate", "blocks")}  # fmt: skip
-    raw = json.dumps([backend.fingerprint(), backend.sampler_id(), settings, scorer.name, asdict(probe),
+    judge = scorer.name if scorer is not None else None  # "gradient" localization judges nothing
+    raw = json.dumps([backend.fingerprint(), backend.sampler_id(), settings, judge, asdict(probe),
                       [g.name for g in groups]], sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 

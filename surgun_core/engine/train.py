@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ def train_delta(
     cancel: Cancel | None = None,
     cache: ImageCache | None = None,
     checkpoint_every: int = 0,
+    grad_hook: Callable[[LoRASet], None] | None = None,
 ) -> TrainResult:
     """The SurgUn training loop on the attention layers matching `pattern`. Leaves the LoRA attached.
 
@@ -71,6 +73,7 @@ def train_delta(
 
     Args:
         checkpoint_every: keep the LoRA every N steps (and the last) for calibration; 0: none.
+        grad_hook: called with the LoRA after each step's backward, before clipping (gradient localization).
     """
     progress = progress or (lambda *a: None)
     cancel = cancel or (lambda: False)
@@ -110,6 +113,10 @@ def train_delta(
     params = list(lset.parameters())
     adversary = Adversary(backend, cfg, X_T) if cfg.robust else None  # robust mode's attacker (robust.py)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = None
+    if cfg.lr_schedule == "cosine":  # to 0 at the last step: the run ends settled
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps)
+                                                                                    / cfg.steps)))  # fmt: skip
     g = torch.Generator().manual_seed(cfg.seed)
     dev = backend.device
     result = TrainResult(lora=lset)
@@ -151,8 +158,12 @@ def train_delta(
                 log.warning(result.stopped)
                 lset.restore(good)
                 break
+            if grad_hook is not None:
+                grad_hook(lset)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
+            if sched is not None:
+                sched.step()
             if not all(torch.isfinite(p).all() for p in params):
                 result.stopped = f"non-finite LoRA weights after step {step + 1}; kept the LoRA of step {step}"
                 log.warning(result.stopped)

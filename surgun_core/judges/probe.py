@@ -18,6 +18,7 @@ import torch
 from ..backends.base import Backend
 from ..concepts import templates_for
 from ..config import EraseConfig
+from ..registry import AUTO_BLOCKS
 from .scorers import Scorer, make_scorer
 
 PROBE_SEED = 7_000_000  # probe images use seeds far from the training images' seeds
@@ -38,6 +39,10 @@ class ProbeSet:
         return [(tpl.format(c), c, s) for c in self.erased + self.retained for tpl in self.templates
                 for s in self.seeds]  # fmt: skip
 
+    def row_templates(self) -> list[str]:
+        """The template of each row (rows() order): the judge scores every label inside the row's own prompt."""
+        return [tpl for _c in self.erased + self.retained for tpl in self.templates for _s in self.seeds]
+
     @property
     def labels(self) -> list[str]:
         return self.erased + self.retained
@@ -56,6 +61,13 @@ def judge_for(cfg: EraseConfig, backend: Backend) -> Scorer:
                        batch_size=2 * cfg.sample_batch_size)  # fmt: skip
 
 
+def needs_judge(cfg: EraseConfig) -> bool:
+    """Whether an erase judges probe images: calibration, or localization by short runs or first fit (gradient
+    localization judges nothing)."""
+    auto = cfg.blocks.strip() == AUTO_BLOCKS
+    return cfg.calibrate or (auto and (cfg.localize_method == "short-runs" or cfg.localize_first_fit))
+
+
 def judge_templates(cfg: EraseConfig) -> list[str]:
     """The label prompts a judge scores: the concept alone, as in training (the first cfg.judge_prompts)."""
     return (cfg.templates or list(templates_for(cfg.kind)))[: cfg.judge_prompts]
@@ -67,6 +79,8 @@ class ProbeScores:
     retain: float  # share of retained-prompt images judged as their concept
     per_concept: dict[str, float]  # erased: share erased; retained: share kept
     x0: torch.Tensor | None = None  # the probe images (sample space), in ProbeSet.rows() order
+    judged: list[str] | None = None  # the label the judge named for each image (rows() order)
+    reused: int = 0  # images whose judgement was taken from `reuse` (unchanged images)
 
     @property
     def h(self) -> float:
@@ -77,8 +91,8 @@ class ProbeScores:
 
 
 def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 20, guidance: float | None = None,
-                x0: torch.Tensor | None = None, judge: Judge | None = None,
-                batch_size: int = 64) -> ProbeScores:  # fmt: skip
+                x0: torch.Tensor | None = None, judge: Judge | None = None, batch_size: int = 64,
+                reuse: ProbeScores | None = None) -> ProbeScores:  # fmt: skip
     """Generate the probe images with the model as it is now (LoRA on, if attached) and score them.
 
     Args:
@@ -86,13 +100,23 @@ def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 
             scorer must judge with the model from before the erasure, not with the erased one.
         x0: probe images already generated (ProbeSet.rows() order); then only the scoring runs.
         batch_size: images per sampler call (x2 rows with guidance): bounds GPU memory.
+        reuse: scores of the same probe set by the same judge (the base model's): an image that is the same
+            (same_image) keeps that judgement instead of being judged again.
     """
     rows = probe.rows()
     if x0 is None:
         with backend.meter.phase("probe images"):
             x0 = backend.sample([r[0] for r in rows], [r[2] for r in rows], steps, guidance, batch_size=batch_size)
-    with (judge or contextlib.nullcontext)(), backend.meter.phase("judging"):
-        pred = scorer.predict(x0, probe.labels)
+    pred: list[str | None] = [None] * len(rows)
+    if reuse is not None and reuse.judged is not None and reuse.x0 is not None and len(reuse.x0) == len(x0):
+        for i in torch.nonzero(same_image(x0, reuse.x0)).flatten().tolist():
+            pred[i] = reuse.judged[i]
+    todo = [i for i, p in enumerate(pred) if p is None]
+    if todo:
+        with (judge or contextlib.nullcontext)(), backend.meter.phase("judging"):
+            templates = probe.row_templates()
+            for i, p in zip(todo, scorer.predict(x0[todo], probe.labels, [templates[i] for i in todo])):
+                pred[i] = p
     per = {}
     for c in probe.labels:
         hits = [p == c for p, r in zip(pred, rows) if r[1] == c]
@@ -101,7 +125,17 @@ def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 
             per[c] = 1 - per[c]
     erase = sum(per[c] for c in probe.erased) / len(probe.erased)
     retain = sum(per[c] for c in probe.retained) / len(probe.retained) if probe.retained else 1.0
-    return ProbeScores(erase, retain, per, x0)
+    return ProbeScores(erase, retain, per, x0, list(pred), len(rows) - len(todo))
+
+
+SAME_IMAGE = 0.02  # relative RMS difference under which a probe image counts as unchanged (its judgement reused)
+
+
+def same_image(x0: torch.Tensor, ref: torch.Tensor, tol: float = SAME_IMAGE) -> torch.Tensor:
+    """(N,) bool: images that differ from `ref` by less than `tol` of its RMS (a checkpoint left them as they
+    were, so the judge would see the same image)."""
+    diff = (x0.float() - ref.float()).flatten(1).norm(dim=1)
+    return diff < tol * ref.float().flatten(1).norm(dim=1).clamp_min(1e-8)
 
 
 def fits(erase: float, retain: float, threshold: float, base_retain: float, tolerance: float) -> bool:

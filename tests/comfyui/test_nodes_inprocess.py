@@ -61,13 +61,15 @@ def test_train_then_probe_finds_the_base_by_itself(pack, demo):
 def test_localize_node_ranks_groups(pack, demo):
     node = pack("nodes.localize_node").SurgUnLocalize
     model, clip, _ = demo
-    with torch.inference_mode():
-        blocks, chart, report = node.execute(model, clip, "circle", "square\nring", "object", "cross", 1, 1, 6e-3,
-                                             4.0, "toy", 0).result  # fmt: skip
-    targets = pack("nodes.train_node").comfy_backend(model, clip, 4.0).lora_targets(blocks)
-    assert targets and all(".attn2.to_" in n for n in targets)  # the regex feeds Train's blocks_regex
-    assert chart.shape[0] == 1 and chart.shape[-1] == 3
-    assert report.startswith("chosen: ") and report.count("cross ") >= 5
+    for method, groups in (("short-runs", 6), ("gradient", 5)):  # gradient ranks the levels, not their union
+        with torch.inference_mode():
+            blocks, chart, report = node.execute(model, clip, "circle", "square\nring", "object", "cross", 1, 1,
+                                                 6e-3, 4.0, "toy", 0, method).result  # fmt: skip
+        targets = pack("nodes.train_node").comfy_backend(model, clip, 4.0).lora_targets(blocks)
+        assert targets and all(".attn2.to_" in n for n in targets)  # the regex feeds Train's blocks_regex
+        assert chart.shape[0] == 1 and chart.shape[-1] == 3
+        assert report.startswith("chosen: ") and report.count("\ncross ") == groups, report
+        assert ("gradient share" in report) == (method == "gradient")
 
 
 def test_train_node_defaults_are_the_recipe_of_every_front_end(pack, demo):
