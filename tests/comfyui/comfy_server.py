@@ -18,6 +18,14 @@ from pathlib import Path
 import pytest
 
 URL = os.environ.get("COMFYUI_URL", "").rstrip("/")
+# every attack of the audit cut to seconds on the toy world (the published settings take minutes per attack):
+# the audit tests in-process and over the server
+QUICK_ATTACKS = {
+    "inversion": {"steps": 5, "images": 4, "batch_size": 2, "seeds_per_prompt": 1, "sample_steps": 5},
+    "prefix": {"steps": 3, "prefix_tokens": 2, "seeds_per_prompt": 1, "sample_steps": 5},
+    "concept_vector": {"strengths": [1.0, 3.0], "seeds_per_prompt": 1, "sample_steps": 5},
+    "phrasings": {"seeds_per_prompt": 1, "sample_steps": 10},
+}
 requires_server = pytest.mark.skipif(
     not URL,
     reason="COMFYUI_URL is not set: start ComfyUI with ../shared/tools/comfyui-up and export "

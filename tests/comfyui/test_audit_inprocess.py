@@ -11,15 +11,10 @@ import json
 
 import pytest
 import torch
+from comfy_server import QUICK_ATTACKS
 from comfy_tiny import StandInClip, load_pack, tiny_model  # skips this module without ComfyUI
 
-# every attack, cut to seconds on the toy world (the published settings take minutes per attack)
-TINY = {
-    "inversion": {"steps": 5, "images": 4, "batch_size": 2, "seeds_per_prompt": 1, "sample_steps": 5},
-    "prefix": {"steps": 3, "prefix_tokens": 2, "seeds_per_prompt": 1, "sample_steps": 5},
-    "concept_vector": {"strengths": [1.0, 3.0], "seeds_per_prompt": 1, "sample_steps": 5},
-    "phrasings": {"seeds_per_prompt": 1, "sample_steps": 10},
-}
+TINY = QUICK_ATTACKS  # every attack cut to seconds (comfy_server.py)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +31,12 @@ def demo(pack):
 
 @pytest.fixture(scope="module")
 def erased(pack, demo):
-    """The demo model with 'circle' erased by SurgUn Train (20 steps: new phrasings bring it back in a few images,
+    """The demo model with 'circle' erased by SurgUn Train (40 steps: new phrasings bring it back in a few images,
     against all of them on the base model)."""
     model, clip, _ = demo
     with torch.inference_mode():
         out = pack("nodes.train_node").SurgUnTrain.execute(model, clip, "circle", "square\ntriangle\ncross\nring",
-                                                           "object", 20, 0.05, 4, "cross-attn-kv", 4.0, 0,
+                                                           "object", 40, 0.05, 4, "cross-attn-kv", 4.0, 0,
                                                            calibration=False).result  # fmt: skip
     return out[0]
 

@@ -151,7 +151,7 @@ def test_missing_delta_file_is_refused_with_message():
 def test_attack_audit_of_an_applied_delta():
     """Demo Model -> Train -> Apply Unlearning Delta (Train's delta on the demo model) -> SurgUn Attack Audit, its
     grid to PreviewImage and its report and recovery to Preview as Text."""
-    graph = _train_graph("circle", steps=20, lr=0.05)  # enough that new phrasings rarely bring the circle back
+    graph = _train_graph("circle", steps=40, lr=0.05)  # enough that new phrasings rarely bring the circle back
     graph["ap"] = {"class_type": "SurgUnApplyDelta", "inputs": {"model": ["1", 0], "strength": 1.0, "delta": ["2", 1]}}
     settings = {"phrasings": {"seeds_per_prompt": 1, "sample_steps": 10},
                 "concept_vector": {"strengths": [1.0, 3.0], "seeds_per_prompt": 1, "sample_steps": 5}}  # fmt: skip

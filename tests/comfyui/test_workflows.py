@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 from comfy_server import (
+    QUICK_ATTACKS,
     URL,
     get_json,
     image_bytes,
@@ -33,14 +34,8 @@ pytestmark = requires_server
 
 NAMES = ("surgun_demo_erase", "surgun_apply_delta", "surgun_sd15_erase", "surgun_attack_audit")
 DEMO_TIMEOUT = 3600  # seconds: 200 SurgUn steps with localization and calibration, then the probe, on a CPU
-# the audit workflow's test run: a quick erase, and every attack cut to seconds (the published settings take minutes)
-QUICK_ERASE = {"steps": 20, "learning_rate": 0.05, "blocks": "cross-attn-kv", "calibration": False}
-QUICK_ATTACKS = {
-    "inversion": {"steps": 5, "images": 4, "batch_size": 2, "seeds_per_prompt": 1, "sample_steps": 5},
-    "prefix": {"steps": 3, "prefix_tokens": 2, "seeds_per_prompt": 1, "sample_steps": 5},
-    "concept_vector": {"strengths": [1.0, 3.0], "seeds_per_prompt": 1, "sample_steps": 5},
-    "phrasings": {"seeds_per_prompt": 1, "sample_steps": 10},
-}
+# the audit workflow's test run: a quick erase, and every attack cut to seconds (QUICK_ATTACKS)
+QUICK_ERASE = {"steps": 40, "learning_rate": 0.05, "blocks": "cross-attn-kv", "calibration": False}
 
 
 @pytest.fixture(scope="module")
