@@ -12,7 +12,8 @@ config and the model alone, phase for phase, in the meter's own phase names:
                                  "short-runs": per candidate group (localize.candidate_groups) localize_steps
   localization/probe images      "short-runs": per group, the probe set (localize_probe_seeds seeds) drawn
   localization/judging           with its LoRA on, and the judge on those images
-  training                       per full run, steps x the forwards of one step (engine/train.surgun_backward)
+  training                       per full run, steps x the forwards of one step (engine/train.surgun_backward),
+                                 and extend_steps more when no checkpoint erased (the most)
   calibration/probe images       per scored checkpoint, the probe set (probe_seeds seeds)
   calibration/judging            per scored checkpoint, the judge on those images
 What the judge sees decides part of the work (surgun.erase): with blocks="auto" and localize_first_fit the
@@ -20,7 +21,8 @@ widest group (every level's cross-attention K/V) gets a full run first and is ke
 erases without a retain fall; else short runs rank the other groups (first fit among them too) and a
 second full run trains the chosen blocks. Calibration scores the last checkpoint first and stops there
 when it fits. The plan gives the most (the widest group let go after scoring every checkpoint, every other
-group run, a second run scored in full) and the fewest (the widest group kept on its last checkpoint).
+group run, a second run scored in full, extended and its extension scored in full) and the fewest (the
+widest group kept on its last checkpoint).
 A sampler step is one row per image, two with classifier-free guidance (guidance != 1; sampling._guided).
 One training step: the target and distractor batches in one forward with a backward (3 per row, 2B rows;
 B rows without distractors or contrast), and with the retain anchor its no-grad reference (1 per row) and
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -126,7 +128,7 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
     unchanged = len(probe.rows()) - len([r for r in probe.rows() if r[1] in probe.erased])
     fewest = count_forwards(backend, cfg, scorer, full_runs=[1 if first_fit else min(1, ckpts)],
                             groups_run=0 if first_fit else None,
-                            reused=unchanged if ckpts or first_fit else 0)  # fmt: skip
+                            reused=unchanged if ckpts or first_fit else 0, extended=0)  # fmt: skip
     plan = Plan(count_forwards(backend, cfg, scorer), fewest, backend.architecture, cfg.recipe or "(none)",
                 str(backend.device), str(backend.dtype).removeprefix("torch."), groups, ckpts,
                 _assumptions(cfg))  # fmt: skip
@@ -145,6 +147,8 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
 def _assumptions(cfg: EraseConfig) -> list[str]:
     out = ["empty caches: no training image and no localization cached yet (cached ones cost nothing)",
            f"every training step runs ({cfg.steps}; a non-finite loss would end training early)"]  # fmt: skip
+    if cfg.extend_steps and cfg.calibrate:
+        out.append(f"the most: no checkpoint erases, so {cfg.extend_steps} steps more are trained and calibrated")
     if cfg.scorer != "diffusion":
         out.append(f"the {cfg.scorer} judge does not use the denoiser: judging costs no sample-forwards")
     return out
@@ -155,7 +159,7 @@ def _assumptions(cfg: EraseConfig) -> list[str]:
 
 def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = None, *,
                    full_runs: list[int] | None = None, groups_run: int | None = None,
-                   reused: int = 0) -> dict[str, int]:  # fmt: skip
+                   reused: int = 0, extended: int | None = None) -> dict[str, int]:  # fmt: skip
     """Sample-forwards per meter phase that erase(backend, cfg, scorer=scorer) does (phases with none left out).
 
     What the judge decides sets two things, so they are arguments (default: the most an erase can cost):
@@ -164,14 +168,19 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
         groups_run: localization's short runs (0 when the widest group was kept).
         reused: calibration's probe images the judge did not see again (unchanged from the base model's:
             judges/probe.same_image); 0: every one judged (the most).
+        extended: steps trained beyond cfg.steps because no checkpoint erased (cfg.extend_steps when
+            calibrating: the most; 0 when the first run erased).
     outcome_of(backend, cfg, result) reads both from a finished erase.
     """
     auto = cfg.blocks.strip() == AUTO_BLOCKS
     first_fit = auto and cfg.localize_first_fit
     gradient = cfg.localize_method == "gradient"  # one run of localize_batches steps, no probe images
     ckpts = n_checkpoints(cfg)
+    if extended is None:
+        extended = cfg.extend_steps if cfg.calibrate else 0
     if full_runs is None:  # first fit: the widest group's run scored in full (or its last step), then another
         full_runs = [ckpts or 1, ckpts] if first_fit else [ckpts]
+        full_runs[-1] += n_checkpoints(replace(cfg, steps=extended)) if extended else 0  # the extension's too
     if groups_run is None:
         groups_run = (1 if gradient else len(candidate_groups(backend, cfg.localize_attention)) - first_fit) * auto
     rows = 1 if cfg.guidance == 1.0 else 2  # rows per image per sampler step
@@ -201,7 +210,7 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
     add("localization/training", groups_run * (cfg.localize_batches if gradient else cfg.localize_steps)
         * step_forwards(cfg))  # fmt: skip
     score("localization", n_loc, 0 if gradient else groups_run)
-    add("training", len(full_runs) * cfg.steps * step_forwards(cfg))
+    add("training", (len(full_runs) * cfg.steps + extended) * step_forwards(cfg))
     score("calibration", n_probe, sum(full_runs))
     add("calibration/judging", -judge(reused, labels))
     return {k: v for k, v in sorted(out.items()) if v}
@@ -214,13 +223,15 @@ def outcome_of(backend: Backend, cfg: EraseConfig, result) -> dict:
     reused = sum(r.get("reused", 0) for r in result.calibration.curve) if result.calibration else 0
     loc = result.localization
     runs = (1 if cfg.localize_method == "gradient" else len(loc.groups)) if loc else 0  # localization's runs
+    extended = result.extended_steps  # the extension's checkpoints are in the curve (scored) already
     if not (cfg.blocks.strip() == AUTO_BLOCKS and cfg.localize_first_fit):
-        return {"full_runs": [scored], "groups_run": runs, "reused": reused}
+        return {"full_runs": [scored], "groups_run": runs, "reused": reused, "extended": extended}
     widest = max(candidate_groups(backend, cfg.localize_attention), key=lambda g: len(g.modules))
     if loc.chosen == [widest.name]:  # kept after its full run (the others skip it)
-        return {"full_runs": [scored if cfg.calibrate else 1], "groups_run": 0, "reused": reused}
+        return {"full_runs": [scored if cfg.calibrate else 1], "groups_run": 0, "reused": reused,
+                "extended": extended}  # fmt: skip
     # let go: its last checkpoint did not fit, so calibration scored every checkpoint of that run
-    return {"full_runs": [n_checkpoints(cfg) or 1, scored], "groups_run": runs, "reused": reused}
+    return {"full_runs": [n_checkpoints(cfg) or 1, scored], "groups_run": runs, "reused": reused, "extended": extended}
 
 
 def training_images(cfg: EraseConfig) -> int:

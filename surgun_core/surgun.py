@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -44,6 +44,7 @@ class EraseResult:
     localization: LocalizeResult | None = None  # with blocks="auto"
     calibration: CalibrationResult | None = None  # with calibrate=True
     forwards_by_phase: dict[str, int] = field(default_factory=dict)  # the cost meter's count of this erase
+    extended_steps: int = 0  # steps trained beyond cfg.steps because no checkpoint erased (cfg.extend_steps)
 
     @property
     def forwards(self) -> int:
@@ -67,7 +68,8 @@ def erase(
        no retain fall, it is kept and nothing else is tried; otherwise short runs rank the other groups;
     2. the SurgUn training loop on those blocks (engine/train.py), keeping checkpoints when calibrating;
     3. calibrate=True: the checkpoint to ship is chosen on the probe set (engine/calibrate.py): the last,
-       unless the judge sees retain fall there.
+       unless the judge sees retain fall there; when no checkpoint erases, cfg.extend_steps more steps from
+       the last one (once), calibrated in turn.
     The scorer (cfg.scorer unless given) judges the probe images for steps 0, 1 and 3.
     """
     t_start = time.time()
@@ -134,15 +136,42 @@ class _Runner:
                              stopped=t.stopped)  # fmt: skip
         checkpoints = result.checkpoints if cfg.calibrate else [(t.steps_done, t.lora.snapshot())]
         if (cfg.calibrate or score_last) and checkpoints:
-            try:
-                result.calibration = calibrate(self.backend, result.lora, checkpoints, self.scorer, self.probe,
-                                               cfg.erase_threshold, cfg.probe_steps, cfg.guidance, self.progress,
-                                               self.cancel, cfg.retain_tolerance, self.base,
-                                               cfg.sample_batch_size)  # fmt: skip
-            except BaseException:
-                result.lora.detach()  # cancelled or failed: the model is left as it was
-                raise
+            result.calibration = self._calibrate(result.lora, checkpoints)
+            if cfg.calibrate and cfg.extend_steps and not t.stopped and _none_erased(result.calibration):
+                result = self._extend(pattern, result)
         return result
+
+    def _calibrate(self, lora: LoRASet, checkpoints: list[tuple[int, dict]]) -> CalibrationResult:
+        cfg = self.cfg
+        try:
+            return calibrate(self.backend, lora, checkpoints, self.scorer, self.probe, cfg.erase_threshold,
+                             cfg.probe_steps, cfg.guidance, self.progress, self.cancel, cfg.retain_tolerance, self.base,
+                             cfg.sample_batch_size)  # fmt: skip
+        except BaseException:
+            lora.detach()  # cancelled or failed: the model is left as it was
+            raise
+
+    def _extend(self, pattern: str, first: EraseResult) -> EraseResult:
+        """No checkpoint erased: train cfg.extend_steps more from the last one (once) and calibrate those."""
+        cfg, best = self.cfg, max(r["erase"] for r in first.calibration.curve)
+        log.info("no checkpoint of %d steps erased (best probe erase %.2f < %g): training %d steps more",
+                 first.steps_done, best, cfg.erase_threshold, cfg.extend_steps)  # fmt: skip
+        last = first.checkpoints[-1][1]
+        first.lora.detach()
+        more = replace(cfg, steps=cfg.extend_steps, extend_steps=0)
+        t = train_delta(self.backend, more, pattern, self.progress, self.cancel, self.cache, more.checkpoint_interval,
+                        init_state=last, first_step=first.steps_done)  # fmt: skip
+        cal = self._calibrate(t.lora, t.checkpoints)
+        cal.reason = (f"trained {cfg.extend_steps} steps more (no checkpoint of the first {first.steps_done} erased: "
+                      f"best probe erase {best:.2f}); {cal.reason}")  # fmt: skip
+        cal.curve = first.calibration.curve + cal.curve
+        return EraseResult(t.lora, history=first.history + t.history, checkpoints=first.checkpoints + t.checkpoints,
+                           steps_done=t.steps_done, stopped=t.stopped, calibration=cal,
+                           extended_steps=t.steps_done - first.steps_done)  # fmt: skip
+
+
+def _none_erased(cal: CalibrationResult) -> bool:
+    return all(r["erase"] < cal.threshold for r in cal.curve)
 
 
 def delta_metadata(backend: Backend, cfg: EraseConfig, result: EraseResult) -> dict:

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from surgun_core.benchmark.methods import METHODS
+from surgun_core import engine
+from surgun_core.benchmark import methods
+from surgun_core.benchmark.methods import METHODS, method_signature
 from surgun_core.benchmark.run import KEYS, PeakMemory, format_markdown, run_bench
 from surgun_core.cli import main
 from surgun_core.errors import ConfigError
@@ -116,3 +118,13 @@ def test_bench_attacks_every_method_and_records_the_control(tmp_path):
     again = run_bench(["circle"], ["uce"], seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4,
                       attacks=("phrasings",))  # fmt: skip
     assert again["per_concept"]["uce"]["circle"]["reused"] and again["controls"] == rep["controls"]
+
+
+def test_robust_row_runs_the_recipes_robust_mode():
+    """surgun-robust is SurgUn with the toy recipe's robust settings (every attention layer, the adversary), and
+    the adversary's code is part of every SurgUn record's key (a change to it makes the records stale)."""
+    robust, plain = (method_signature(m, "circle") for m in ("surgun-robust", "surgun"))
+    assert robust["erase_config"]["robust"] and robust["erase_config"]["blocks"] == "all-attn"
+    assert not plain["erase_config"]["robust"] and plain["erase_config"]["blocks"] == "auto"
+    assert robust["code"] == plain["code"]  # one digest over the SurgUn code, the adversary's among it
+    assert {engine.robust, engine.learn_tokens} <= set(methods._SURGUN_CODE)

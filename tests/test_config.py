@@ -51,6 +51,8 @@ def test_concept_as_its_own_distractor():
         ("blocks", "  ", "preset"),
         ("templates", ["a photo"], "{}"),
         ("checkpoint_every", -5, ">= 0"),
+        ("extend_steps", -1, ">= 0"),
+        ("extend_steps", 2.5, ">= 0"),
         ("scorer", "dino", "diffusion, toy, clip"),
         ("localize_attention", "everything", "cross, self, all"),
         ("erase_threshold", 1.5, "(0, 1]"),

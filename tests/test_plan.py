@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from surgun_core.plan import (
     count_forwards,
     format_plan,
     largest_no_grad_batch,
+    n_checkpoints,
     outcome_of,
     plan_erase,
     step_forwards,
@@ -39,6 +41,7 @@ SMALL = dict(
     probe_templates=["a {}"],
     localize_first_fit=True,  # the widest group first; the "ranked" cases turn it off
     localize_method="short-runs",  # pixel-grounded short runs; the "gradient" cases use the default
+    extend_steps=0,  # no extension unless a case asks for it
 )
 CASES = {
     "fixed blocks": dict(blocks="cross-attn-kv", calibrate=False),
@@ -55,6 +58,8 @@ CASES = {
     "calibration, retain prompts, no guidance, checkpoint every 4": dict(
         blocks="cross-attn-kv", retain_prompts=["a red square", "a blue ring"], guidance=1.0, checkpoint_every=4
     ),
+    # too weak to erase: no checkpoint reaches the threshold, so 4 steps more are trained and calibrated
+    "not erased: extended": dict(blocks="cross-attn-kv", lr=1e-7, extend_steps=4),
     "ascent only, toy judge, every group of all attention kinds": dict(
         use_ascent=True, use_distractors=False, use_contrast=False, use_retain=False, scorer="toy",
         localize_attention="all", localize_first_fit=False, calibrate=False,
@@ -77,10 +82,18 @@ def test_plan_counts_equal_what_erase_meters(toy_backend, case):
     for phase, n in result.forwards_by_phase.items():
         assert plan.fewest_by_phase.get(phase, 0) <= n <= plan.forwards_by_phase[phase]
     runs = 1 if cfg.localize_method == "gradient" else plan.candidate_groups
-    if outcome == {"full_runs": [plan.checkpoints], "groups_run": runs, "reused": 0}:  # all the work: the most
+    ext = cfg.extend_steps
+    most = {"full_runs": [plan.checkpoints + (n_checkpoints(replace(cfg, steps=ext)) if ext else 0)],
+            "groups_run": runs if cfg.blocks == "auto" else 0, "reused": 0, "extended": ext}  # fmt: skip
+    if outcome == most:  # all the work: the most
         assert result.forwards_by_phase == plan.forwards_by_phase
+    if ext:
+        assert result.extended_steps == ext and result.steps_done == cfg.steps + ext
+        assert result.calibration.reason.startswith(f"trained {ext} steps more")
+        assert [r["step"] for r in result.calibration.curve][-1] == cfg.steps + ext
     unchanged = cfg.probe_retained  # retained probe images (1 template, 1 seed: one per concept)
-    if result.localization and outcome == {"full_runs": [1], "groups_run": 0, "reused": unchanged}:  # widest kept
+    widest = {"full_runs": [1], "groups_run": 0, "reused": unchanged, "extended": 0}
+    if result.localization and outcome == widest:  # widest kept
         assert result.forwards_by_phase == plan.fewest_by_phase
     if not cfg.calibrate and not (result.localization and cfg.localize_first_fit):  # nothing left to the judge
         assert plan.forwards_by_phase == result.forwards_by_phase == plan.fewest_by_phase

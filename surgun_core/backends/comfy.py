@@ -191,13 +191,31 @@ class ComfyBackend(Backend):
                 pos = [self._clip_encode(q) for q in p]
                 positive = [[torch.cat([c for c, _ in pos]), _cat_extra([x for _, x in pos])]]
                 negative = [[neg_c.repeat(len(p), 1, 1), _cat_extra([neg_x] * len(p))]]
-                x = comfy.sample.sample(self.patcher, noise, steps, g, self.sampler_name, self.scheduler, positive,
-                                        negative, torch.zeros_like(noise), disable_pbar=True, seed=s[0])  # fmt: skip
+                x = comfy.sample.sample(self._metered_patcher(), noise, steps, g, self.sampler_name, self.scheduler,
+                                        positive, negative, torch.zeros_like(noise), disable_pbar=True,
+                                        seed=s[0])  # fmt: skip
                 x = self.base.process_latent_in(x)
             out.append(x.float().cpu())
             if on_batch is not None:
                 on_batch(min(i + batch_size, len(prompts)), len(prompts))
         return torch.cat(out)
+
+    def _metered_patcher(self):
+        """A clone of the MODEL whose every denoiser call through ComfyUI's sampler goes through the cost meter:
+        ComfyUI calls the model itself there, not predict(). Counted at ComfyUI's own model function wrapper
+        (rows of each batched call: cond and uncond, every sampler's own number of calls per step); a wrapper
+        the user's MODEL carries already still runs inside."""
+        inner = self.patcher.model_options.get("model_function_wrapper")
+        meter = self.meter
+
+        def counted(apply_model, args: dict):
+            meter.add(int(args["input"].shape[0]))
+            return inner(apply_model, args) if inner is not None else apply_model(args["input"], args["timestep"],
+                                                                                 **args["c"])  # fmt: skip
+
+        patcher = self.patcher.clone()
+        patcher.set_model_unet_function_wrapper(counted)
+        return patcher
 
     def _sample_cond(self, cond: Cond, noise: torch.Tensor, steps: int, g: float) -> torch.Tensor:
         """ComfyUI's ddim sampler on prepared conditioning: x0 (B, C, H, W) from noise (B, C, H, W).

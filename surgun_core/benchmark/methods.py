@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .. import lora, meter, objectives, recipes, sampling, surgun
 from ..cache import ImageCache
 from ..demo import toy_config
-from ..engine import calibrate, data, localize, saliency, train
+from ..engine import calibrate, data, learn_tokens, localize, robust, saliency, train
 from ..engine.localize import clear_memory_cache
 from ..errors import ConfigError
 from ..judges import probe, scorers
@@ -45,6 +45,7 @@ ABLATIONS: dict[str, dict] = {
     "surgun-no-contrast": {"use_contrast": False},
     "surgun-no-localization": {"blocks": "cross-attn-kv"},
     "surgun-no-calibration": {"calibrate": False},
+    "surgun-robust": {"robust": True},  # robust mode: the recipe's robust settings and the adversary (robust.py)
 }
 # each baseline at the best setting of its recorded sweep (sweep.py), beside the paper's setting
 TUNED = {f"{b}-tuned": b for b in ("esd-x", "esd-u", "ca")}
@@ -52,7 +53,7 @@ METHODS = [*ABLATIONS, *BASELINES, *TUNED]
 MAIN_METHODS = ["surgun", *BASELINES]
 # the code each family of methods runs (its source is part of method_signature)
 _SURGUN_CODE = (surgun, train, localize, saliency, calibrate, probe, scorers, data, lora, objectives, sampling, recipes,
-                meter)  # fmt: skip
+                meter, robust, learn_tokens)  # fmt: skip
 _BASELINE_CODE = (_common, objectives, sampling, meter)
 
 

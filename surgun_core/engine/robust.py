@@ -49,16 +49,19 @@ class Adversary:
         self.tokens = learned.tokens
         self.losses.append(learned.losses[-1])
 
-    def mix(self, cond: Cond, index: torch.Tensor) -> Cond:
+    def mix(self, cond: Cond, index: torch.Tensor) -> tuple[Cond, int]:
         """The step's target conditioning with its last robust_share of rows under the adversary's prompts.
+
+        Returns the conditioning and how many rows (the last ones) are the adversary's: the loss takes them as a
+        prompt group of their own (train.surgun_backward).
 
         Args:
             cond: the target rows' conditioning (B rows), in the order of `index` (rows of self.images).
         """
         n = round(len(index) * self.cfg.robust_share)
         if n == 0:
-            return cond
+            return cond, 0
         with torch.no_grad():
             adv = self.backend.encode_with_tokens([self.prompts[int(i)] for i in index[-n:]], self.tokens)
         keep = cond_select(cond, list(range(len(index) - n)))
-        return cond_cat([keep, {k: adv[k].to(v) for k, v in cond.items()}])
+        return cond_cat([keep, {k: adv[k].to(v) for k, v in cond.items()}]), n

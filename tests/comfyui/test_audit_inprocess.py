@@ -12,21 +12,9 @@ import json
 import pytest
 import torch
 from comfy_server import QUICK_ATTACKS
-from comfy_tiny import StandInClip, load_pack, tiny_model  # skips this module without ComfyUI
+from comfy_tiny import StandInClip, tiny_model  # skips this module without ComfyUI
 
 TINY = QUICK_ATTACKS  # every attack cut to seconds (comfy_server.py)
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return load_pack()
-
-
-@pytest.fixture(scope="module")
-def demo(pack):
-    tm = pack("nodes.toy_model")
-    with torch.inference_mode():  # as a node: ComfyUI runs every node under inference mode
-        return tm.load_toy_model(), tm.load_toy_clip(), tm.load_toy_vae()
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +97,19 @@ def test_too_long_a_prompt_with_learned_tokens_is_refused(pack, backend):
 
 def test_images_from_prepared_conditioning_are_comfy_samplers_images(backend):
     """The sampler written out for prepared conditioning (attacks' learned tokens, concept vectors) draws what
-    ComfyUI's own ddim sampler draws from the same prompts and seeds."""
+    ComfyUI's own ddim sampler draws from the same prompts and seeds, and the cost meter counts both alike:
+    ComfyUI's sampler calls the model itself (counted at its model function wrapper), 2 images x 10 steps x
+    (cond + uncond) = 40 sample-forwards each way."""
     prompts, seeds = ["a red circle", "a blue square"], [1, 2]
+    meter = backend.meter
     with torch.inference_mode():
-        want = backend.sample(prompts, seeds, 10, 4.0)
-        got = backend.sample(prompts, seeds, 10, 4.0, cond=backend.encode(prompts))
+        with meter.phase("comfy"):
+            want = backend.sample(prompts, seeds, 10, 4.0)
+        with meter.phase("prepared"):
+            got = backend.sample(prompts, seeds, 10, 4.0, cond=backend.encode(prompts))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert meter.counts["comfy"] == meter.counts["prepared"] == 40
+    assert "model_function_wrapper" not in backend.patcher.model_options  # counted on a clone: the MODEL as it was
 
 
 def test_as_model_runs_the_base_model_then_the_erased_one_again(pack, demo, erased):

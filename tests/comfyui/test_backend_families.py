@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from comfy_tiny import comfy, load_pack, mm, stand_in_clip, tiny_model  # skips this module without ComfyUI
+from comfy_tiny import comfy, mm, stand_in_clip, tiny_model  # skips this module without ComfyUI
 
 # family -> (architecture, flow?, blocks preset, what every LoRA module name must contain)
 FAMILIES = {
@@ -19,11 +19,6 @@ FAMILIES = {
     "SD3": ("stable-diffusion-3-medium", True, "dit-attn", "joint_blocks."),
     "Flux": ("flux-1-dev", True, "dit-attn", "double_blocks.0."),
 }
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return load_pack()
 
 
 def _backend(pack, family):

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_tiny import comfy, load_pack, tiny_model  # skips this module without ComfyUI
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return load_pack()
+from comfy_tiny import comfy, tiny_model  # skips this module without ComfyUI
 
 
 @pytest.fixture(scope="module")

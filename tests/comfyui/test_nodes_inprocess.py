@@ -5,21 +5,9 @@ Run with ComfyUI's Python: COMFYUI_SRC=/tmp/comfyui/src /tmp/comfyui/.venv/bin/p
 
 from __future__ import annotations
 
+import comfy_tiny  # noqa: F401  (skips this module without ComfyUI)
 import pytest
 import torch
-from comfy_tiny import load_pack  # skips this module without ComfyUI
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return load_pack()
-
-
-@pytest.fixture(scope="module")
-def demo(pack):
-    tm = pack("nodes.toy_model")
-    with torch.inference_mode():  # as a node: ComfyUI runs every node under inference mode
-        return tm.load_toy_model(), tm.load_toy_clip(), tm.load_toy_vae()
 
 
 def test_probe_of_the_base_model_erases_nothing(pack, demo):
