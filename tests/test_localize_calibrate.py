@@ -230,7 +230,9 @@ def test_manual_blocks_override_skips_localization(toy_backend):
 
 
 def test_auto_blocks_and_calibration_on_a_short_real_run(toy_backend, toy_classifier):
-    cfg = toy_config("circle", checkpoint_every=2, scorer="toy", **TINY)
+    # 4 steps erase nothing: no extension here (extend_steps=0), so the curve is this run's two checkpoints (the
+    # extension's own check is test_plan.py's "not erased: extended")
+    cfg = toy_config("circle", checkpoint_every=2, scorer="toy", extend_steps=0, **TINY)
     res = erase(toy_backend, cfg, scorer=ToyScorer(toy_backend, toy_classifier))
     try:
         assert res.localization is not None and res.localization.chosen
