@@ -181,6 +181,7 @@ class ComfyBackend(Backend):
         neg_c, neg_x = self._clip_encode("")
         if cond is not None:
             self._load()  # comfy.sample.sample loads its model itself; predict() uses the weights as they are
+        patcher = self._metered_patcher() if cond is None else None  # one clone for every batch
         out = []
         for i in range(0, len(prompts), batch_size):
             p, s = prompts[i : i + batch_size], list(seeds[i : i + batch_size])
@@ -191,9 +192,8 @@ class ComfyBackend(Backend):
                 pos = [self._clip_encode(q) for q in p]
                 positive = [[torch.cat([c for c, _ in pos]), _cat_extra([x for _, x in pos])]]
                 negative = [[neg_c.repeat(len(p), 1, 1), _cat_extra([neg_x] * len(p))]]
-                x = comfy.sample.sample(self._metered_patcher(), noise, steps, g, self.sampler_name, self.scheduler,
-                                        positive, negative, torch.zeros_like(noise), disable_pbar=True,
-                                        seed=s[0])  # fmt: skip
+                x = comfy.sample.sample(patcher, noise, steps, g, self.sampler_name, self.scheduler, positive, negative,
+                                        torch.zeros_like(noise), disable_pbar=True, seed=s[0])  # fmt: skip
                 x = self.base.process_latent_in(x)
             out.append(x.float().cpu())
             if on_batch is not None:
