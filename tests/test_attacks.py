@@ -134,10 +134,43 @@ def test_attack_on_the_base_model_finds_the_concept(name, toy_backend, scorer):
     assert res.forwards > 0 and all(k.startswith(f"attacks/{name}/") for k in res.forwards_by_phase)
     if name == "inversion":  # the attacked prompts carry the learned token, never the word
         assert all(PLACEHOLDER in p and "circle" not in p for p in res.prompts)
-        assert {"attacks/inversion/base images", "attacks/inversion/learning"} <= set(res.forwards_by_phase)
+        # the toy world's own images are inverted, not drawn; the classifier judges for free
+        assert set(res.forwards_by_phase) == {"attacks/inversion/learning", "attacks/inversion/images"}
     if name == "phrasings":  # each phrasing's rate; "{a}" asked with all five colours, the others once
         assert set(res.details["rates"]) == set(SMALL[name]["phrasings"])
         assert len(res.prompts) == 5 + 5 + 1 and "a circle, a" in res.prompts
+
+
+def test_inversion_inverts_the_worlds_images_on_the_toy_model(toy_backend, scorer):
+    """Toy world: the world's own images of the concept, phrased with their colour, as textual inversion inverts
+    photos; images_from="model" takes the base model's images from the training phrasings instead."""
+    from surgun_core.toyworld.world import photos
+
+    attack = get_attack("inversion")(toy_backend, "triangle", "object", scorer, settings=SMALL["inversion"])
+    x0, phrasings = attack.concept_images(10)
+    assert torch.equal(x0, photos("triangle", 10, attack.seeds(1)[0])[0])
+    assert phrasings[:6] == ["a red {}", "a green {}", "a blue {}", "a yellow {}", "a purple {}", "a red {}"]
+    colour = get_attack("inversion")(toy_backend, "yellow", "style", scorer, settings=SMALL["inversion"])
+    assert colour.concept_images(2)[1] == ["a {} circle", "a {} square"]
+    settings = {**SMALL["inversion"], "images_from": "model"}
+    model = get_attack("inversion")(toy_backend, "triangle", "object", scorer, settings=settings, cache=ImageCache())
+    before = toy_backend.meter.snapshot()
+    x1, phrasings1 = model.concept_images(4)
+    assert toy_backend.meter.since(before) == {"base images": 4 * 10 * 2}  # 4 images, 10 steps, guided: 2 rows
+    assert x1.shape == (4, *x0.shape[1:]) and set(phrasings1) <= set(model.templates())
+    with pytest.raises(ConfigError, match=r"images_from must be one of auto, model, not 'web'"):
+        get_attack("inversion").settings_for(toy_backend, {"images_from": "web"})
+
+
+@pytest.mark.parametrize("concept", ["triangle", "yellow"])
+def test_inversion_finds_concepts_the_models_own_images_hid(concept, toy_backend, scorer):
+    """Inverting the base model's own guided images found triangle in 12% of images (its loss on them is no
+    lower under "triangle" than "square"); the world's images find it, and a colour, on the base model."""
+    kind = "object" if concept == "triangle" else "style"
+    prompts = ("a {} circle", "a {} square") if kind == "style" else FAST["prompts"]
+    res, _ = run_attack("inversion", toy_backend, concept, kind, scorer,
+                        settings={**SMALL["inversion"], "prompts": prompts, "steps": 100})  # fmt: skip
+    assert res.recovery >= 0.9, res.details
 
 
 # ---- reproducibility ------------------------------------------------------------------------------------

@@ -25,12 +25,16 @@ from ..errors import ConfigError, SurgUnError
 from ..judges.probe import Judge
 from ..judges.scorers import Scorer
 from ..meter import total
+from ..toyworld.world import photos
 from .prompts import attack_templates, is_toy, judge_labels, training_templates
 
 log = logging.getLogger(__name__)
 
 ATTACK_SEED = 8_000_000  # attack images and noise use seeds far from training and probe images
-COMMON = {"sample_steps": 20, "guidance": None}  # sampler settings of every attack (None: the model's default)
+# settings of every attack: the sampler's (guidance None: the model's default) and where images of the concept come
+# from ("auto": the toy world's own images on the toy model, the base model's elsewhere; "model": the base model's)
+COMMON = {"sample_steps": 20, "guidance": None, "images_from": "auto"}
+IMAGE_SOURCES = ("auto", "model")
 
 
 @dataclass
@@ -113,6 +117,9 @@ class Attack(ABC):
         if unknown:
             raise ConfigError("attack_settings", f"the {cls.name} attack has no setting {', '.join(unknown)}; "
                               f"its settings are {', '.join(sorted(base))}")  # fmt: skip
+        if user.get("images_from", "auto") not in IMAGE_SOURCES:
+            raise ConfigError("attack_settings", f"images_from must be one of {', '.join(IMAGE_SOURCES)}, "
+                              f"not {user['images_from']!r}")  # fmt: skip
         return {**base, **user}
 
     # ---- what a subclass writes ------------------------------------------------------------------------
@@ -153,20 +160,32 @@ class Attack(ABC):
         return res
 
     def concept_images(self, n: int) -> tuple[torch.Tensor, list[str]]:
-        """`n` base-model images of the concept (x0, sample space) and the template ("{}") each was drawn from.
+        """`n` images of the concept (x0, sample space) and the phrasing ("{}" = the concept) of each.
 
-        Drawn once, with the delta switched off, from the concept's training phrasings, and cached per (model,
-        prompt, seed) like an erasure's training images.
+        Textual inversion inverts photos of the concept. The toy world has them: its own images, each phrased
+        "a <colour> {}" ("a {} <shape>" for a colour). A real model's photos are not at hand, so its images are
+        the base model's, drawn with the delta switched off from the concept's training phrasings and cached
+        per (model, prompt, seed) like an erasure's training images. The model's own guided images are a poor
+        stand-in on the toy world: its denoising loss on them is no lower under "triangle" than under "square",
+        and inverting them found triangle in 12% of the base model's images; the world's images: 100%.
         """
         if n not in self._shared:
-            templates = self.templates()
-            with self.judge(), self.backend.meter.phase("base images"):
-                imgs = generate_concept_images(self.backend, [self.concept], templates, n, ATTACK_SEED + self.seed,
-                                               self.settings["sample_steps"], self.guidance(), self.cache)  # fmt: skip
-            per_image = [templates[j % len(templates)] for j in range(n)]  # generate_concept_images cycles them
-            assert [t.format(self.concept) for t in per_image] == imgs.prompts
-            self._shared[n] = (imgs.x0, per_image)
+            if is_toy(self.backend) and self.settings["images_from"] == "auto":
+                x0, others = photos(self.concept, n, ATTACK_SEED + self.seed)
+                per_image = [f"a {o} {{}}" if self.kind == "object" else f"a {{}} {o}" for o in others]
+                self._shared[n] = (x0.to(self.backend.dtype), per_image)
+            else:
+                self._shared[n] = self._model_images(n)
         return self._shared[n]
+
+    def _model_images(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        templates = self.templates()
+        with self.judge(), self.backend.meter.phase("base images"):
+            imgs = generate_concept_images(self.backend, [self.concept], templates, n, ATTACK_SEED + self.seed,
+                                           self.settings["sample_steps"], self.guidance(), self.cache)  # fmt: skip
+        per_image = [templates[j % len(templates)] for j in range(n)]  # generate_concept_images cycles them
+        assert [t.format(self.concept) for t in per_image] == imgs.prompts
+        return imgs.x0, per_image
 
     def templates(self) -> list[str]:
         """The concept's training phrasings ("{}"): the `templates` setting, else the model family's own."""

@@ -1,7 +1,7 @@
 """Concept inversion (Pham et al. 2023, "Circumventing concept erasure methods", arXiv 2308.01508).
 
 Textual inversion against the model under attack: learn k new token input embeddings so that the ERASED model,
-prompted with them, denoises base-model images of the concept well (its own training loss, DESIGN.md section
+prompted with them, denoises images of the concept well (its own training loss, DESIGN.md section
 1), then prompt it with the learned token in the concept's place. An erasure that only cut the concept off its
 word falls to this: the rest of the network still draws it for the right input embedding. The issue's check
 (one token, 40 base images, 300 Adam steps, lr 0.01) brought an erased toy circle back in 80% of images.
@@ -9,12 +9,13 @@ word falls to this: the rest of the network still draws it for the right input e
 Settings (published textual-inversion ones, scaled to the model):
   tokens        k learned embeddings in the concept's place (1, as in concept inversion)
   init_word     where they start: a neutral word of the kind ("object", "style"; None = that default)
-  images        base-model images of the concept to invert (40; drawn from its training phrasings)
+  images        images of the concept to invert (40): the toy world's own images on the toy model, the base
+                model's from the concept's training phrasings on a real one (Attack.concept_images)
   steps, lr     Adam steps and learning rate (lr 0.01 as published; steps 1000 for a real model, 600 on the
                 toy world: on the plain `surgun demo` circle delta, recovery over 3 seeds was 0.45-0.68 at 300
                 steps, 0.65-0.78 at 600 and 0.65-0.83 at 1000; 600 steps is about two minutes on one core)
   batch_size    images per step (4 on a real model to fit a consumer GPU; 8 on the toy world)
-  templates     the concept's training phrasings the base images are drawn from (None: the model family's)
+  templates     the concept's training phrasings the base model's images are drawn from (None: the model family's)
   prompts       the attacker's prompts, "{}" where the token goes (None: "a <colour> {}" for a toy shape,
                 "a {} <shape>" for a toy colour, the kind's templates on a real model)
   seeds_per_prompt  attacked images per prompt
@@ -41,7 +42,7 @@ class InversionAttack(Attack):
 
     def run(self) -> Attacked:
         s, b = self.settings, self.backend
-        # 1. base-model images of the concept, each with its training phrasing around the placeholder
+        # 1. images of the concept, each with its phrasing around the placeholder
         x0, per_image = self.concept_images(int(s["images"]))
         train_prompts = [t.format(PLACEHOLDER) for t in per_image]
         # 2. the token(s), from a neutral word, learned against the model under attack

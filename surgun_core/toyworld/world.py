@@ -91,6 +91,21 @@ def render_batch(shapes, colours, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.stack([render(s, c, rng) for s, c in zip(shapes, colours, strict=True)]))
 
 
+def photos(concept: str, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """`n` of the world's own images of a shape or colour (the other attribute cycling) and, for each, the
+    other attribute's word: what a real photo of the concept is to a real model (attacks invert against them).
+    """
+    if concept in SHAPES:
+        others = [COLOURS[i % len(COLOURS)] for i in range(n)]
+        shapes, colours = [concept] * n, others
+    elif concept in COLOURS:
+        others = [SHAPES[i % len(SHAPES)] for i in range(n)]
+        shapes, colours = others, [concept] * n
+    else:
+        raise ValueError(f"unknown concept {concept!r}; the toy world has {', '.join(SHAPES + COLOURS)}")
+    return render_batch(shapes, colours, np.random.default_rng(seed)), others
+
+
 def training_prompt(shape: str, colour: str, rng: np.random.Generator) -> str:
     """A prompt that describes an image of (shape, colour): mostly both, sometimes one of them only."""
     u = rng.uniform()
