@@ -13,16 +13,9 @@ import torch
 from comfy_tiny import comfy, tiny_model  # skips this module without ComfyUI
 
 
-@pytest.fixture(scope="module")
-def toy(pack):
-    tm = pack("nodes.toy_model")
-    with torch.inference_mode():  # as a node: ComfyUI runs every node under inference mode
-        return tm.load_toy_model(), tm.load_toy_clip()
-
-
-def test_toy_loss_equals_diffusers_backend(pack, toy):
+def test_toy_loss_equals_diffusers_backend(pack, demo):
     """Same x0, noise and timestep: the ComfyUI path gives the diffusers backend's eps loss exactly."""
-    backend = pack("surgun_core.backends.comfy").ComfyBackend(*toy, image_size=16)
+    backend = pack("surgun_core.backends.comfy").ComfyBackend(*demo[:2], image_size=16)
     ref = pack("surgun_core.toyworld").load_toy_backend()
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.randn(2, 3, 16, 16, generator=g)
@@ -36,9 +29,9 @@ def test_toy_loss_equals_diffusers_backend(pack, toy):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_flow_objective_is_velocity_loss(pack, toy):
+def test_flow_objective_is_velocity_loss(pack, demo):
     """With flow model_sampling (as ModelSamplingSD3 patches it): x_t = (1-s) x0 + s eps, target eps - x0."""
-    model, clip = toy
+    model, clip = demo[:2]
 
     class FlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
         pass
@@ -61,13 +54,13 @@ def test_flow_objective_is_velocity_loss(pack, toy):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_sd15_shaped_trains_through_comfy_ops_and_loads_back(pack, toy):
+def test_sd15_shaped_trains_through_comfy_ops_and_loads_back(pack, demo):
     comfy_backend = pack("surgun_core.backends.comfy")
     erase = pack("surgun_core.surgun").erase
     EraseConfig = pack("surgun_core.config").EraseConfig
     model = tiny_model("SD15")
     assert next(model.model.diffusion_model.parameters()).is_inference()
-    backend = comfy_backend.ComfyBackend(model, toy[1], image_size=64)
+    backend = comfy_backend.ComfyBackend(model, demo[1], image_size=64)
     assert backend.architecture == "stable-diffusion-v1"
     cfg = EraseConfig(concepts=["circle"], distractors=["square", "ring"], steps=3, images_per_concept=2,
                       sample_steps=2, batch_size=2, blocks="cross-attn-kv", calibrate=False)  # fmt: skip
@@ -84,10 +77,10 @@ def test_sd15_shaped_trains_through_comfy_ops_and_loads_back(pack, toy):
     assert set(ours.patches) == set(patched.patches)
 
 
-def test_lora_hooks_fire_on_comfy_cast_path(pack, toy):
+def test_lora_hooks_fire_on_comfy_cast_path(pack, demo):
     """comfy.ops layers with comfy_cast_weights skip nn.Linear.forward; module hooks still run."""
     LoRASet = pack("surgun_core.lora").LoRASet
-    backend = pack("surgun_core.backends.comfy").ComfyBackend(tiny_model("SD15"), toy[1], image_size=64)
+    backend = pack("surgun_core.backends.comfy").ComfyBackend(tiny_model("SD15"), demo[1], image_size=64)
     with torch.inference_mode(), backend.training():
         lset = LoRASet(backend.lora_targets(r"attn2\."), 2, 2.0).attach()
         for layer in lset.layers.values():
@@ -104,21 +97,21 @@ def test_lora_hooks_fire_on_comfy_cast_path(pack, toy):
     assert all(layer.up.grad is not None for layer in lset.layers.values())
 
 
-def test_delta_for_another_model_is_refused(pack, toy):
+def test_delta_for_another_model_is_refused(pack, demo):
     comfy_backend = pack("surgun_core.backends.comfy")
     errors = pack("surgun_core.errors")
     sd = {"lora_unet_no_such_block.lora_down.weight": torch.zeros(2, 8),
           "lora_unet_no_such_block.lora_up.weight": torch.zeros(8, 2)}  # fmt: skip
     with pytest.raises(errors.DeltaMismatchError, match="another model"):
-        comfy_backend.apply_delta(toy[0], sd, 1.0, source="other.safetensors")
+        comfy_backend.apply_delta(demo[0], sd, 1.0, source="other.safetensors")
 
 
-def test_apply_delta_node_with_and_without_clip(pack, toy, tmp_path):
+def test_apply_delta_node_with_and_without_clip(pack, demo, tmp_path):
     """Apply Unlearning Delta: MODEL and CLIP out as LoraLoader gives them; without CLIP, the CLIP output is None."""
     import folder_paths
 
     node = pack("nodes.delta_nodes").SurgUnApplyDelta
-    model, clip = toy
+    model, clip = demo[:2]
     targets = pack("surgun_core.backends.comfy").ComfyBackend(model, clip, image_size=16).lora_targets(r"attn2\.to_k$")
     g = torch.Generator().manual_seed(0)
     weights = {n: (torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g), 2.0)
