@@ -25,6 +25,7 @@ from surgun_core.lora import LoRASet
 from surgun_core.registry import ATTACK_NAMES, BLOCK_PRESETS
 from surgun_core.surgun import erase
 from surgun_core.testing import tiny_sana_backend, tiny_sdxl_backend
+from surgun_core.toyworld.world import photos
 
 # 10 sampler steps (as the toy recipe's probe images), three of the five "a <colour> {}" prompts
 FAST = {"sample_steps": 10, "prompts": ("a red {}", "a green {}", "a blue {}")}
@@ -144,8 +145,6 @@ def test_attack_on_the_base_model_finds_the_concept(name, toy_backend, scorer):
 def test_inversion_inverts_the_worlds_images_on_the_toy_model(toy_backend, scorer):
     """Toy world: the world's own images of the concept, phrased with their colour, as textual inversion inverts
     photos; images_from="model" takes the base model's images from the training phrasings instead."""
-    from surgun_core.toyworld.world import photos
-
     attack = get_attack("inversion")(toy_backend, "triangle", "object", scorer, settings=SMALL["inversion"])
     x0, phrasings = attack.concept_images(10)
     assert torch.equal(x0, photos("triangle", 10, attack.seeds(1)[0])[0])
