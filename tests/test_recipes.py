@@ -80,3 +80,11 @@ def test_robust_mode_widens_the_blocks_unless_the_user_chose_them():
     assert recipe_config("toy", ["circle"], "object", robust=True, blocks="cross-attn-kv").blocks == "cross-attn-kv"
     tab = EraseRequest(concepts="circle", preset="balanced", robust=True).to_config(StandaloneHost())
     assert tab.robust and tab.blocks == "all-attn"
+
+
+def test_robust_settings_can_depend_on_the_concept_kind():
+    # the toy recipe anchors colour erasures (style) looser than shapes in robust mode; the user still wins
+    assert recipe_config("toy", ["circle"], "object", robust=True).w_retain == 100.0
+    assert recipe_config("toy", ["yellow"], "style", robust=True).w_retain == 30.0
+    assert recipe_config("toy", ["yellow"], "style", robust=True, w_retain=50.0).w_retain == 50.0
+    assert recipe_config("toy", ["yellow"], "style").w_retain == 300.0  # plain mode keeps the plain recipe's anchor

@@ -43,8 +43,7 @@ def gradient_shares(backend: Backend, cfg: EraseConfig, groups: list, cancel=Non
             grads = [p.grad for p in lset.layer(name).parameters() if p.grad is not None]
             energy[name] += sum(float(g.float().abs().sum()) for g in grads)
 
-    short = EraseConfig.from_dict({**cfg.to_dict(), "steps": cfg.localize_batches, "checkpoint_every": 0,
-                                   "robust": False})  # fmt: skip
+    short = replace(cfg, steps=cfg.localize_batches, checkpoint_every=0, robust=False)
     pattern = replace(groups[0], modules=union).pattern
     res = train_delta(backend, short, pattern, cancel=cancel, cache=cache, grad_hook=collect)
     res.lora.detach()

@@ -246,16 +246,13 @@ def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBa
     if torch.isfinite(L_TD) and L_TD.requires_grad:
         L_TD.backward()
     L_T, L_D = per_T.mean().detach(), per_D.mean().detach()
-    L_R, L_Rpart = zero, zero
-    if b.x_R is not None:
-        L_R = _retain_term(backend, lset, b.x_R, b.c_R, b.t, b.noise_R)
-        # L's retain part, from the one expression: L(T, D, R) - L(T, D, 0) with T and D held
-        L_Rpart = surgun_loss(cfg, L_T, L_D, L_R)[0] - surgun_loss(cfg, L_T, L_D, zero)[0]
-        if torch.isfinite(L_Rpart) and L_Rpart.requires_grad:
-            L_Rpart.backward()
-        L_R, L_Rpart = L_R.detach(), L_Rpart.detach()
-    L_C = surgun_loss(cfg, L_T, L_D, L_R)[1]  # over the whole batch, for the record
-    L = L_TD.detach() + L_Rpart  # the whole objective's value
+    L_R = _retain_term(backend, lset, b.x_R, b.c_R, b.t, b.noise_R) if b.x_R is not None else zero
+    L_all, L_C = surgun_loss(cfg, L_T, L_D, L_R)  # the one expression over the whole batch
+    L_Rpart = L_all - surgun_loss(cfg, L_T, L_D, zero)[0]  # its retain part: L(T, D, R) - L(T, D, 0), T and D held
+    if torch.isfinite(L_Rpart) and L_Rpart.requires_grad:
+        L_Rpart.backward()
+    L = L_TD.detach() + L_Rpart.detach()  # the whole objective's value
+    L_C, L_R = L_C.detach(), L_R.detach()
     return L, L_T, L_D, L_C, L_R
 
 
