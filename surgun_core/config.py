@@ -17,6 +17,7 @@ from .registry import (
     ATTENTION_KINDS,
     AUTO_BLOCKS,
     BLOCK_PRESETS,
+    CALIBRATION_SIGNALS,
     LOCALIZE_METHODS,
     LR_SCHEDULES,
     PRECISIONS,
@@ -44,6 +45,7 @@ class EraseConfig:
     alpha: float = 4.0
     blocks: str = AUTO_BLOCKS  # "auto" (localization), a preset name (registry.BLOCK_PRESETS) or a regular expression
     batch_size: int = 8  # target images per step (as many distractor images)
+    retain_batch_size: int | None = None  # retain-anchor images per step (None or more than batch_size: batch_size)
     distractors_per_step: int = 4
     images_per_concept: int = 16  # training images the frozen model generates per concept
     sample_steps: int = 20
@@ -88,6 +90,16 @@ class EraseConfig:
     # more from the last one, once, and calibrate those (0: never). Some concepts erase slower than others: at
     # the toy recipe's 120 steps purple was still rising (ground-truth UA 0.60)
     extend_steps: int = 0
+    # what calibration measures on a checkpoint (judges/checkpoint.py). "self": erase is the share of held-out base
+    # images of the concept that the erased model, used as a diffusion classifier over the probe labels, no longer
+    # names as the concept (no images drawn: self_judge_images x labels x self_judge_timesteps forwards); retain is
+    # judged on the retained concepts' probe images. On the toy world (square, purple, ring, blue; 8 checkpoints each)
+    # the erased model's own verdict followed the ground truth where the judge of drawn images did not (blue erased
+    # from step 48, probe 0.62-0.88 until 144; purple at 120: UA 0.60, probe 0.81), for 320 forwards a checkpoint
+    # where drawing and judging the concept's 16 probe images cost 960. "probe": both from judged probe images
+    calibrate_signal: str = "self"
+    self_judge_images: int = 16  # held-out base images of each erased concept ("self"), drawn once per erase
+    self_judge_timesteps: int = 4  # timesteps of the erased model's own diffusion classifier ("self")
     erase_threshold: float = 0.9  # probe erase score a block group / checkpoint must reach
     retain_tolerance: float = 0.05  # retain this close to the base model's (or the best) is no fall (probe noise)
     scorer: str = "diffusion"  # who judges probe images: diffusion (the base model), toy, clip (probe.py)
@@ -158,6 +170,8 @@ class EraseConfig:
             "probe_seeds",
             "probe_retained",
             "judge_prompts",
+            "self_judge_images",
+            "self_judge_timesteps",
             "robust_every",
             "robust_steps",
             "robust_tokens",
@@ -165,6 +179,9 @@ class EraseConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a whole number >= 1, {_got(v)}")
+        v = self.retain_batch_size
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError("retain_batch_size", f"must be a whole number >= 1 or None, got {v!r}")
         v = self.probe_sample_steps
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ConfigError("probe_sample_steps", f"must be a whole number >= 1 or None, got {v!r}")
@@ -204,6 +221,9 @@ class EraseConfig:
             raise ConfigError("scorer", f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORER_NAMES)}")
         if self.scorer == "clip" and not self.clip_path:
             raise ConfigError("clip_path", "scorer 'clip' needs clip_path: a local CLIP folder (transformers format)")
+        if self.calibrate_signal not in CALIBRATION_SIGNALS:
+            raise ConfigError("calibrate_signal", f"unknown {self.calibrate_signal!r}; choose one of "
+                              f"{', '.join(CALIBRATION_SIGNALS)}")  # fmt: skip
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         _check_types(self, ("int", "float"))  # numbers the checks above do not name (a field added later)

@@ -14,15 +14,18 @@ config and the model alone, phase for phase, in the meter's own phase names:
   localization/judging           with its LoRA on, and the judge on those images
   training                       per full run, steps x the forwards of one step (engine/train.surgun_backward),
                                  and extend_steps more when no checkpoint erased (the most)
-  calibration/probe images       per scored checkpoint, the probe set (probe_seeds seeds)
-  calibration/judging            per scored checkpoint, the judge on those images
-What the judge sees decides part of the work (surgun.erase): with blocks="auto" and localize_first_fit the
-widest group (every level's cross-attention K/V) gets a full run first and is kept when its chosen step
-erases without a retain fall; else short runs rank the other groups (first fit among them too) and a
-second full run trains the chosen blocks. Calibration scores the last checkpoint first and stops there
-when it fits. The plan gives the most (the widest group let go after scoring every checkpoint, every other
-group run, a second run scored in full, extended and its extension scored in full) and the fewest (the
-widest group kept on its last checkpoint).
+  calibration/probe images       per scored checkpoint, the probe set (probe_seeds seeds; calibrate_signal
+  calibration/judging            "self": the retained concepts' rows only), and the judge on those images
+  calibration/self-judging       "self": per scored checkpoint, the erased model classifies the held-out images
+                                 (self_judge_images per concept, drawn once under reference/probe images) over
+                                 the probe labels at self_judge_timesteps
+What the judge sees decides part of the work (surgun.erase): calibration measures checkpoints latest first and
+stops at the first that fits or does not erase (so a run that is extended had one measured: its last). With
+blocks="auto" and localize_first_fit the widest group (every level's cross-attention K/V) gets a full run first
+and is kept when its chosen step erases without a retain fall; else short runs rank the other groups (first fit
+among them too) and a second full run trains the chosen blocks. The plan gives the most (the widest group let go
+after measuring every checkpoint, every other group run, a second run whose last checkpoint does not erase,
+extended and its extension measured in full) and the fewest (the widest group kept on its last checkpoint).
 A sampler step is one row per image, two with classifier-free guidance (guidance != 1; sampling._guided).
 One training step: the target and distractor batches in one forward with a backward (3 per row, 2B rows;
 B rows without distractors or contrast), and with the retain anchor its no-grad reference (1 per row) and
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -51,7 +54,7 @@ from .backends.base import Backend
 from .config import EraseConfig
 from .engine.localize import candidate_groups
 from .engine.train import StepBatch, surgun_backward
-from .judges.probe import judge_for, needs_judge, probe_set
+from .judges.probe import ProbeSet, judge_for, needs_judge, probe_set
 from .judges.scorers import DiffusionScorer, Scorer
 from .lora import LoRASet
 from .meter import total
@@ -124,7 +127,7 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
     groups = len(candidate_groups(backend, cfg.localize_attention)) if auto else 0
     ckpts = n_checkpoints(cfg)
     first_fit = auto and cfg.localize_first_fit  # fewest: the widest group kept, its last checkpoint fits
-    probe = probe_set(cfg)  # fewest: every retained probe image unchanged, so the judge reuses the base's label
+    probe = calibration_probe(cfg)  # fewest: every retained probe image unchanged: the judge reuses the base's label
     unchanged = len(probe.rows()) - len([r for r in probe.rows() if r[1] in probe.erased])
     fewest = count_forwards(backend, cfg, scorer, full_runs=[1 if first_fit else min(1, ckpts)],
                             groups_run=0 if first_fit else None,
@@ -180,14 +183,16 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
         extended = cfg.extend_steps if cfg.calibrate else 0
     if full_runs is None:  # first fit: the widest group's run scored in full (or its last step), then another
         full_runs = [ckpts or 1, ckpts] if first_fit else [ckpts]
-        full_runs[-1] += n_checkpoints(replace(cfg, steps=extended)) if extended else 0  # the extension's too
+        if extended:  # no checkpoint erased: the scan stopped at the last one; then the extension's checkpoints
+            full_runs[-1] = 1 + n_checkpoints(cfg, extended)
     if groups_run is None:
         groups_run = (1 if gradient else len(candidate_groups(backend, cfg.localize_attention)) - first_fit) * auto
     rows = 1 if cfg.guidance == 1.0 else 2  # rows per image per sampler step
-    probe = probe_set(cfg)
+    probe = probe_set(cfg)  # localization's (short runs); calibration's: calibration_probe
     judge = _judge_cost(backend, cfg, scorer)
     labels = len(probe.labels)
-    n_probe = len(probe.rows())
+    n_probe = len(calibration_probe(cfg).rows())
+    n_self = len(cfg.concepts) * cfg.self_judge_images if cfg.calibrate_signal == "self" else 0
     n_loc = labels * len(probe.templates) * min(cfg.probe_seeds, cfg.localize_probe_seeds)  # fewer seeds
     out: dict[str, int] = {}
 
@@ -200,8 +205,11 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
 
     if scorer is not None or needs_judge(cfg):  # erase() scores the base model first (the retain bar)
         score("reference", n_probe)
-    # localization's own probe set (short runs with fewer seeds than calibration's)
-    if groups_run and first_fit and not gradient and cfg.localize_probe_seeds < cfg.probe_seeds:
+        add("reference/probe images", n_self * cfg.probe_steps * rows)  # "self": the held-out images
+    # localization's own probe set (short runs with fewer seeds than calibration's, or all rows where "self" draws
+    # the retained ones only)
+    own = cfg.localize_probe_seeds < cfg.probe_seeds or cfg.calibrate_signal == "self"  # not calibration's set
+    if groups_run and first_fit and not gradient and own:
         score("reference", n_loc)
     # the training images are drawn once, by the first training run (later runs find them in the image cache):
     # without first fit that is localization's first short run
@@ -213,6 +221,7 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
     add("training", (len(full_runs) * cfg.steps + extended) * step_forwards(cfg))
     score("calibration", n_probe, sum(full_runs))
     add("calibration/judging", -judge(reused, labels))
+    add("calibration/self-judging", sum(full_runs) * n_self * cfg.self_judge_timesteps * labels)
     return {k: v for k, v in sorted(out.items()) if v}
 
 
@@ -230,8 +239,8 @@ def outcome_of(backend: Backend, cfg: EraseConfig, result) -> dict:
     if loc.chosen == [widest.name]:  # kept after its full run (the others skip it)
         return {"full_runs": [scored if cfg.calibrate else 1], "groups_run": 0, "reused": reused,
                 "extended": extended}  # fmt: skip
-    # let go: its last checkpoint did not fit, so calibration scored every checkpoint of that run
-    return {"full_runs": [n_checkpoints(cfg) or 1, scored], "groups_run": runs, "reused": reused, "extended": extended}
+    # let go: its last checkpoint did not fit; calibration scored down to the first that fits or does not erase
+    return {"full_runs": [result.let_go_scored, scored], "groups_run": runs, "reused": reused, "extended": extended}
 
 
 def training_images(cfg: EraseConfig) -> int:
@@ -247,16 +256,23 @@ def step_forwards(cfg: EraseConfig) -> int:
     B = cfg.batch_size
     n = 3 * B * (2 if cfg.use_distractors or cfg.use_contrast else 1)  # target (+ distractor) batch, backward
     if cfg.use_retain:
-        n += B + 3 * B  # the frozen reference (no grad), then the LoRA's forward with its backward
+        R = min(cfg.retain_batch_size or B, B)
+        n += R + 3 * R  # the frozen reference (no grad), then the LoRA's forward with its backward
     return n
 
 
-def n_checkpoints(cfg: EraseConfig) -> int:
-    """Checkpoints calibration scores: every checkpoint_interval steps, and the last step if not one of them."""
+def n_checkpoints(cfg: EraseConfig, steps: int | None = None) -> int:
+    """Checkpoints calibration scores: every checkpoint_interval steps, and the last step if not one of them;
+    `steps`: of a run that long at the same interval (the extension)."""
     if not cfg.calibrate:
         return 0
-    every = cfg.checkpoint_interval
-    return cfg.steps // every + (1 if cfg.steps % every else 0)
+    every, steps = cfg.checkpoint_interval, cfg.steps if steps is None else steps
+    return steps // every + (1 if steps % every else 0)
+
+
+def calibration_probe(cfg: EraseConfig) -> ProbeSet:
+    """The probe set calibration draws (judges/checkpoint.py): "self" draws the retained concepts' rows only."""
+    return probe_set(cfg, erased_rows=cfg.calibrate_signal == "probe")
 
 
 def _judge(backend: Backend, cfg: EraseConfig, scorer: Scorer | None) -> Scorer | None:

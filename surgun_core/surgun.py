@@ -21,7 +21,8 @@ from .config import EraseConfig
 from .engine.calibrate import CalibrationResult, calibrate
 from .engine.localize import LocalizeResult, localize, widest_group
 from .engine.train import Cancel, Progress, train_delta
-from .judges.probe import ProbeScores, ProbeSet, fits, judge_for, needs_judge, probe_set, reference_scores
+from .judges.checkpoint import Measure, checkpoint_measure
+from .judges.probe import ProbeScores, fits, judge_for, needs_judge, probe_set, reference_scores
 from .judges.scorers import Scorer
 from .lora import LoraDelta, LoRASet
 from .meter import peak_memory_mb, total
@@ -45,6 +46,7 @@ class EraseResult:
     calibration: CalibrationResult | None = None  # with calibrate=True
     forwards_by_phase: dict[str, int] = field(default_factory=dict)  # the cost meter's count of this erase
     extended_steps: int = 0  # steps trained beyond cfg.steps because no checkpoint erased (cfg.extend_steps)
+    let_go_scored: int = 0  # checkpoints calibration scored on the widest group's full run before it was let go
 
     @property
     def forwards(self) -> int:
@@ -67,10 +69,11 @@ def erase(
        level's cross-attention K/V) is tried first, with the full run: when its calibrated step erases with
        no retain fall, it is kept and nothing else is tried; otherwise short runs rank the other groups;
     2. the SurgUn training loop on those blocks (engine/train.py), keeping checkpoints when calibrating;
-    3. calibrate=True: the checkpoint to ship is chosen on the probe set (engine/calibrate.py): the last,
-       unless the judge sees retain fall there; when no checkpoint erases, cfg.extend_steps more steps from
-       the last one (once), calibrated in turn.
-    The scorer (cfg.scorer unless given) judges the probe images for steps 0, 1 and 3.
+    3. calibrate=True: the checkpoint to ship is chosen by cfg.calibrate_signal's measure (engine/calibrate.py,
+       judges/checkpoint.py): the last, unless it does not erase or the judge sees retain fall there; when no
+       checkpoint erases, cfg.extend_steps more steps from the last one (once), calibrated in turn.
+    The scorer (cfg.scorer unless given) judges the probe images for steps 0, 1 and 3; what calibration measures
+    on a checkpoint is cfg.calibrate_signal's (judges/checkpoint.py).
     """
     t_start = time.time()
     metered = backend.meter.snapshot()
@@ -81,13 +84,13 @@ def erase(
     probe = probe_set(cfg)
     if scorer is None and needs_judge(cfg):
         scorer = judge_for(cfg, backend)
-    # 0. the base model's scores on the probe set, before any LoRA is on
-    reference = None
+    # 0. the base model's scores, before any LoRA is on: what calibration's measure is held to
+    reference, measure, base = None, None, None
     if scorer is not None:
         reference = reference_scores(backend, scorer, cfg.probe_steps, cfg.guidance, cfg.sample_batch_size)
-    base = reference(probe) if reference is not None else None
-    run = _Runner(backend, cfg, scorer, probe, base, progress, cancel, cache)
-    result, loc, skip = None, None, ()
+        measure, base = checkpoint_measure(backend, cfg, scorer, reference)
+    run = _Runner(backend, cfg, measure, base, progress, cancel, cache)
+    result, loc, skip, let_go = None, None, (), 0
     if auto and cfg.localize_first_fit and base is not None:  # 1a. the widest group, with the full run
         wide = widest_group(backend, cfg.localize_attention)
         result = run(wide.pattern, score_last=True)
@@ -100,13 +103,13 @@ def erase(
             log.info("localization: %s let retain fall or did not erase (%s); ranking the narrower groups",
                      wide.name, row)  # fmt: skip
             result.lora.detach()
-            result, skip = None, (wide.name,)
+            result, skip, let_go = None, (wide.name,), len(result.calibration.curve)
     if result is None:
         if auto:  # 1b. short runs rank the (other) groups
             loc = localize(backend, cfg, scorer, probe, progress=progress, cancel=cancel, cache=cache,
                            reference=reference, skip=skip)  # fmt: skip
         result = run(loc.pattern if loc else cfg.block_pattern, score_last=False)
-    result.localization = loc
+    result.localization, result.let_go_scored = loc, let_go
     if not cfg.calibrate:
         result.calibration = None  # scored only to check the widest group: the last step ships
     result.seconds = time.time() - t_start
@@ -122,8 +125,7 @@ class _Runner:
 
     backend: Backend
     cfg: EraseConfig
-    scorer: Scorer | None
-    probe: ProbeSet
+    measure: Measure | None
     base: ProbeScores | None
     progress: Progress | None
     cancel: Cancel | None
@@ -144,9 +146,8 @@ class _Runner:
     def _calibrate(self, lora: LoRASet, checkpoints: list[tuple[int, dict]]) -> CalibrationResult:
         cfg = self.cfg
         try:
-            return calibrate(self.backend, lora, checkpoints, self.scorer, self.probe, cfg.erase_threshold,
-                             cfg.probe_steps, cfg.guidance, self.progress, self.cancel, cfg.retain_tolerance, self.base,
-                             cfg.sample_batch_size)  # fmt: skip
+            return calibrate(self.backend, lora, checkpoints, self.measure, cfg.erase_threshold, cfg.retain_tolerance,
+                             self.base, self.progress, self.cancel)  # fmt: skip
         except BaseException:
             lora.detach()  # cancelled or failed: the model is left as it was
             raise
@@ -159,7 +160,7 @@ class _Runner:
         last = first.checkpoints[-1][1]
         first.lora.detach()
         more = replace(cfg, steps=cfg.extend_steps, extend_steps=0)
-        t = train_delta(self.backend, more, pattern, self.progress, self.cancel, self.cache, more.checkpoint_interval,
+        t = train_delta(self.backend, more, pattern, self.progress, self.cancel, self.cache, cfg.checkpoint_interval,
                         init_state=last, first_step=first.steps_done)  # fmt: skip
         cal = self._calibrate(t.lora, t.checkpoints)
         cal.reason = (f"trained {cfg.extend_steps} steps more (no checkpoint of the first {first.steps_done} erased: "

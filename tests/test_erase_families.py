@@ -75,11 +75,13 @@ def test_full_method_localizes_and_calibrates(backend):
     result = erase(backend, cfg)
     try:
         assert result.localization.chosen and result.localization.groups
-        # checkpoints every steps/5 (>= 1), scored latest first: the first with no retain fall ships, alone with
-        # the later ones; none fits: all of them scored
+        # checkpoints every steps/5 (>= 1), measured latest first: the first that fits ships, alone with the later
+        # ones; the scan also stops at the first that does not erase (4 steps erase nothing: the last alone)
         cal = result.calibration
         steps = [r["step"] for r in cal.curve]
-        assert steps == [1, 2, 3, 4] or (steps == list(range(cal.chosen_step, 5)) and "not scored" in cal.reason)
+        assert steps == list(range(steps[0], 5))  # a latest-first run of checkpoints, down to where it stopped
+        fit = steps[0] == cal.chosen_step and "not scored" in cal.reason
+        assert fit or steps[0] == 1 or cal.curve[0]["erase"] < cal.threshold, cal.curve
         assert result.delta.metadata["surgun.step_chosen"] == str(result.calibration.chosen_step)
         assert set(result.lora.names) <= set(backend.attention_linears())
     finally:

@@ -77,7 +77,7 @@ def test_choose_step_on_a_synthetic_curve():
     assert "no step reached" in why and step == 40  # best harmonic mean: erase ties, retain highest
 
 
-def test_calibration_scores_latest_first_and_stops_at_the_first_that_fits(toy_backend, monkeypatch):
+def test_calibration_scores_latest_first_and_stops_at_the_first_that_fits(toy_backend):
     # The judge's verdicts stand in for scored probe images (a curve chosen to exercise the rule): each
     # checkpoint's LoRA carries its step in a weight, and the stand-in reads the curve's row for that step.
     from surgun_core.engine import calibrate as cal_mod
@@ -92,24 +92,30 @@ def test_calibration_scores_latest_first_and_stops_at_the_first_that_fits(toy_ba
         states.append((step, st))
     scored = []
 
-    def judged(*_a, **_k):
+    def judged(_lora):  # the measure: the curve's row for the step the LoRA holds
         step = int(lset.layers.state_dict()[first].flatten()[0])
         scored.append(step)
         e, r = curve[step]
         return ProbeScores(e, r, {})
 
-    monkeypatch.setattr(cal_mod, "score_probe", judged)
     try:
-        res = cal_mod.calibrate(toy_backend, lset, states, None, None, 0.9, tolerance=0.03,
+        res = cal_mod.calibrate(toy_backend, lset, states, judged, 0.9, tolerance=0.03,
                                 reference=ProbeScores(0.0, 0.99, {}))  # fmt: skip
         assert scored == [100, 80, 60] and res.chosen_step == 60 and "latest that fits" in res.reason
         assert [r["step"] for r in res.curve] == [60, 80, 100]  # step order; 20 and 40 never scored
         assert int(lset.layers.state_dict()[first].flatten()[0]) == 60  # the LoRA holds the shipped step
         scored.clear()
-        res = cal_mod.calibrate(toy_backend, lset, states, None, None, 0.9, tolerance=0.01,
+        res = cal_mod.calibrate(toy_backend, lset, states, judged, 0.9, tolerance=0.01,
                                 reference=ProbeScores(0.0, 1.0, {}))  # fmt: skip
-        # none fits: all scored, choose_step decides (retain within 0.01 of the best 0.98: 40 and 60; the most erased)
+        # none fits: scored down to the first that does not erase (20); choose_step decides among the scored
+        # (retain within 0.01 of the best 0.98: 40 and 60; the most erased)
         assert scored == [100, 80, 60, 40, 20] and res.chosen_step == 60
+        scored.clear()
+        curve[60] = (0.85, 1.0)  # now 60 does not erase: the scan stops there, 40 and 20 are not scored
+        res = cal_mod.calibrate(toy_backend, lset, states, judged, 0.9, tolerance=0.01,
+                                reference=ProbeScores(0.0, 1.0, {}))  # fmt: skip
+        assert scored == [100, 80, 60] and [r["step"] for r in res.curve] == [60, 80, 100]
+        assert res.chosen_step == 80  # of the scored that erase, retain within 0.01 of the best (0.85): 80
     finally:
         lset.detach()
 
@@ -230,14 +236,14 @@ def test_manual_blocks_override_skips_localization(toy_backend):
 
 
 def test_auto_blocks_and_calibration_on_a_short_real_run(toy_backend, toy_classifier):
-    # 4 steps erase nothing: no extension here (extend_steps=0), so the curve is this run's two checkpoints (the
+    # 4 steps erase nothing: no extension here (extend_steps=0), so the curve is this run's last checkpoint (the
     # extension's own check is test_plan.py's "not erased: extended")
     cfg = toy_config("circle", checkpoint_every=2, scorer="toy", extend_steps=0, **TINY)
     res = erase(toy_backend, cfg, scorer=ToyScorer(toy_backend, toy_classifier))
     try:
         assert res.localization is not None and res.localization.chosen
         cal = res.calibration
-        assert [r["step"] for r in cal.curve] == [2, 4]
+        assert [r["step"] for r in cal.curve] == [4]  # the last erases nothing: step 2, trained less, is not scored
         assert cal.chosen_step == choose_step(cal.curve, cfg.erase_threshold, cfg.retain_tolerance)[0]
         chosen = dict(res.checkpoints)[cal.chosen_step]
         assert all(torch.equal(v, chosen[k]) for k, v in res.lora.snapshot().items())  # shipped = chosen
@@ -260,3 +266,39 @@ def test_cancel_during_calibration_leaves_the_model_as_it_was(toy_backend, toy_c
         erase(toy_backend, cfg, progress=progress, cancel=lambda: seen["calibrating"],
               scorer=ToyScorer(toy_backend, toy_classifier))  # fmt: skip
     assert not any(m._forward_hooks for m in toy_backend.denoiser.modules())
+
+
+def test_self_measure_draws_only_the_retained_rows_and_asks_the_model_as_it_is(toy_backend):
+    from surgun_core.judges.checkpoint import SelfMeasure, checkpoint_measure
+    from surgun_core.judges.probe import PROBE_SEED, judge_for, reference_scores
+
+    cfg = toy_config("circle", self_judge_images=8, probe_retained=2)
+    scorer = judge_for(cfg, toy_backend)
+    reference = reference_scores(toy_backend, scorer, cfg.probe_steps, cfg.guidance, cfg.sample_batch_size)
+    before = toy_backend.meter.snapshot()
+    measure, base = checkpoint_measure(toy_backend, cfg, scorer, reference)
+    spent = toy_backend.meter.since(before)
+    assert isinstance(measure, SelfMeasure) and base.erase == 0.0  # erase is not measured on drawn images
+    probe = measure.retain.probe
+    assert [r[1] for r in probe.rows()] == ["square"] * 4 + ["triangle"] * 4  # 2 retained x 4 templates x 1 seed
+    assert probe.labels[0] == "circle"  # the erased concept stays a label: a neighbour drawn as it is a fall
+    # the held-out images: 8 circles at the probe's seeds over its templates, drawn once by the base model
+    assert measure.owners == ["circle"] * 8 and measure.templates == probe.templates * 2
+    rows = 2 if cfg.guidance != 1.0 else 1
+    assert spent["reference/probe images"] == (8 + 8) * cfg.probe_steps * rows
+    lset = LoRASet(toy_backend.lora_targets(r"attn2\.to_k$"), rank=1).attach()  # zero: the base model
+    try:
+        sc = measure(lset)
+        assert sc.erase <= 0.25 and sc.per_concept["circle"] == sc.erase  # the base model still names its circles
+        assert sc.retain >= base.retain - 0.13  # and draws its squares and triangles as before (one image of 8)
+        seen = []  # who judges: the retained rows by the base model (LoRA off), the held-out ones by the model as is
+        judge, own = measure.retain.scorer.predict, measure.judge.predict
+        measure.retain.scorer.predict = lambda *a, **k: seen.append(("retain", lset.enabled)) or judge(*a, **k)
+        measure.judge.predict = lambda *a, **k: seen.append(("self", lset.enabled)) or own(*a, **k)
+        assert sc.reused == 8  # the zero LoRA drew the retained images as the base did: their judgements reused
+        measure.retain.reference = None  # judge them all again, to see who judges
+        measure(lset)
+        assert seen == [("retain", False), ("self", True)]
+    finally:
+        lset.detach()
+    assert PROBE_SEED in measure.retain.probe.seeds

@@ -78,6 +78,10 @@ def test_robust_mode_widens_the_blocks_unless_the_user_chose_them():
     assert recipe_config("toy", ["circle"], "object", robust=True).blocks == "all-attn"
     assert recipe_config("flow", ["dog"], robust=True).blocks == "dit-attn"
     assert recipe_config("toy", ["circle"], "object", robust=True, blocks="cross-attn-kv").blocks == "cross-attn-kv"
+    # robust mode calibrates on drawn probe images; plain erases on the erased model's own verdict (recipes.ROBUST)
+    assert recipe_config("toy", ["circle"], "object", robust=True).calibrate_signal == "probe"
+    assert recipe_config("sd1", ["dog"], robust=True).calibrate_signal == "probe"
+    assert recipe_config("toy", ["circle"], "object").calibrate_signal == "self"
     tab = EraseRequest(concepts="circle", preset="balanced", robust=True).to_config(StandaloneHost())
     assert tab.robust and tab.blocks == "all-attn"
 

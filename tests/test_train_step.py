@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 import torch
 
 from surgun_core.backends.base import cond_cat
@@ -19,7 +20,8 @@ def _batch(backend, g, B=2):
     return StepBatch(x(), c, backend.objective.sample_t(B, g), x(), x(), x(), x(), backend.encode(["a dog"] * B), x())
 
 
-def test_two_part_backward_equals_one_expression():
+@pytest.mark.parametrize("retain_rows", [2, 1])  # 1: a retain batch smaller than the target's (its first timestep)
+def test_two_part_backward_equals_one_expression(retain_rows):
     backend = tiny_backend("sd1")
     cfg = EraseConfig(concepts=["cat"], w_retain=3.0)
     g = torch.Generator().manual_seed(0)
@@ -29,6 +31,8 @@ def test_two_part_backward_equals_one_expression():
     for p in lset.parameters():  # a LoRA that is not zero, so every term has a gradient
         torch.nn.init.normal_(p, std=0.05)
     b = _batch(backend, g)
+    b.x_R, b.noise_R = b.x_R[:retain_rows], b.noise_R[:retain_rows]
+    b.c_R = backend.encode(["a dog"] * retain_rows)
     params = list(lset.parameters())
 
     L, *_ = surgun_backward(backend, cfg, lset, b)  # the loop's step: two backward passes
@@ -40,8 +44,9 @@ def test_two_part_backward_equals_one_expression():
                        torch.cat([b.t, b.t]))  # fmt: skip
     L_T, L_D = per[:2].mean(), per[2:].mean()
     obj = backend.objective
-    x_t = obj.noisy(b.x_R, b.noise_R, b.t)
-    tm = obj.model_time(b.t)
+    t_R = b.t[:retain_rows]
+    x_t = obj.noisy(b.x_R, b.noise_R, t_R)
+    tm = obj.model_time(t_R)
     with torch.no_grad(), lset.disabled():
         ref = backend.predict(x_t, tm, b.c_R).float()
     L_R = ((backend.predict(x_t, tm, b.c_R).float() - ref) ** 2).mean()

@@ -21,7 +21,7 @@ from ..demo import toy_config
 from ..engine import calibrate, data, learn_tokens, localize, robust, saliency, train
 from ..engine.localize import clear_memory_cache
 from ..errors import ConfigError
-from ..judges import probe, scorers
+from ..judges import checkpoint, probe, scorers
 from ..recipes import toy_templates
 from ..surgun import erase
 from ..toyworld.evaluate import concept_kind
@@ -52,8 +52,8 @@ TUNED = {f"{b}-tuned": b for b in ("esd-x", "esd-u", "ca")}
 METHODS = [*ABLATIONS, *BASELINES, *TUNED]
 MAIN_METHODS = ["surgun", *BASELINES]
 # the code each family of methods runs (its source is part of method_signature)
-_SURGUN_CODE = (surgun, train, localize, saliency, calibrate, probe, scorers, data, lora, objectives, sampling, recipes,
-                meter, robust, learn_tokens)  # fmt: skip
+_SURGUN_CODE = (surgun, train, localize, saliency, calibrate, checkpoint, probe, scorers, data, lora, objectives,
+                sampling, recipes, meter, robust, learn_tokens)  # fmt: skip
 _BASELINE_CODE = (_common, objectives, sampling, meter)
 
 

@@ -1,14 +1,15 @@
 """Checkpoint calibration (DESIGN.md section 1): which training step to ship.
 
-The LoRA is kept every N steps; each checkpoint's probe images are scored for erase and retain, latest
-first: the latest that erases with no retain fall against the base model ships (bench ablation: on the toy
-world the last step scored H >= the calibrated one on every concept, and the earlier rule shipped step 80 of
-200 on four concepts, costing retention on two; but some concepts let retain fall late: erasing "ring", the
-ground truth's retain went 1.00, 0.85, 0.74 at steps 40, 60, 120, triangles drawn as rings). When none fits,
-every checkpoint is scored: among the checkpoints that reach the erase
-threshold, those whose retain is within a tolerance of the best retain tie; of these the one that erases
-most is chosen, and of equals the latest. If none reaches the threshold, the best harmonic mean. Why the
-latest of equals (DESIGN.md said the earliest): probe scores saturate, and a checkpoint that first reaches
+The LoRA is kept every N steps; each checkpoint is measured for erase and retain (judges/checkpoint.py: by
+default the erased model's own verdict on held-out images of the concept, and the judged probe images of the
+retained concepts), latest first: the latest that erases with no retain fall against the base model ships (bench
+ablation: on the toy world the last step scored H >= the calibrated one on every concept, and the earlier rule
+shipped step 80 of 200 on four concepts, costing retention on two; but some concepts let retain fall late:
+erasing "ring", the ground truth's retain went 1.00, 0.85, 0.74 at steps 40, 60, 120, triangles drawn as rings).
+The scan stops at the first checkpoint that does not erase. When none fits, among the scored checkpoints that
+reach the erase threshold, those whose retain is within a tolerance of the best retain tie; of these the one
+that erases most is chosen, and of equals the latest. If none reaches the threshold, the best harmonic mean. Why
+the latest of equals (DESIGN.md said the earliest): probe scores saturate, and a checkpoint that first reaches
 1.0 is on the edge; on the toy world ("red", ground-truth judge, 20 images) the earliest saturated step
 still let 5% through where the later ones, scored the same on the probe, let none. The tolerance (a probe
 image or two) keeps a retain difference that is noise from deciding. The whole curve is returned, stored
@@ -22,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..backends.base import Backend
 from ..errors import Cancelled
-from ..judges.probe import ProbeScores, ProbeSet, fits, score_probe
-from ..judges.scorers import Scorer
+from ..judges.checkpoint import Measure
+from ..judges.probe import ProbeScores, fits
 from ..lora import LoRASet
 
 log = logging.getLogger(__name__)
@@ -66,17 +67,17 @@ def choose_step(curve: list[dict], threshold: float, tolerance: float = 0.0) -> 
     return best["step"], f"no step reached erase {threshold:g}: the best harmonic mean of erase and retain"
 
 
-def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict]], scorer: Scorer,
-              probe: ProbeSet, threshold: float = 0.9, steps: int = 20, guidance: float | None = None,
-              progress=None, cancel=None, tolerance: float = 0.0,
-              reference: ProbeScores | None = None, batch_size: int = 64) -> CalibrationResult:  # fmt: skip
-    """Score the checkpoints on the probe set; leave `lora` holding the chosen one.
+def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict]], measure: Measure,
+              threshold: float = 0.9, tolerance: float = 0.0, reference: ProbeScores | None = None,
+              progress=None, cancel=None) -> CalibrationResult:  # fmt: skip
+    """Score the checkpoints with `measure` (judges/checkpoint.py); leave `lora` holding the chosen one.
 
-    With the base model's own scores on the probe set (`reference`), checkpoints are scored latest first and
-    the first that reaches the erase threshold with retain within `tolerance` of the base model's ships (the
-    judge sees no retain fall there; erasure grows and retain falls with the steps, so it is the most erased
-    one that keeps retain); the earlier ones are not scored. When none fits, every checkpoint has been scored
-    and choose_step decides.
+    With the base model's own scores (`reference`), checkpoints are scored latest first and the first that
+    reaches the erase threshold with retain within `tolerance` of the base model's ships (the judge sees no retain
+    fall there; erasure grows and retain falls with the steps, so it is the most erased one that keeps retain);
+    the earlier ones are not scored. The scan also stops at the first checkpoint that does not erase: an earlier
+    one, trained less, erases less (the orchestrator then trains longer when the last one did not). When none
+    fits, choose_step decides among the scored ones; without a reference every checkpoint is scored.
 
     Args:
         lora: the attached LoRASet the checkpoints were taken from.
@@ -91,8 +92,7 @@ def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict
             raise Cancelled("erase cancelled by the user during calibration; nothing was written")
         lora.restore(state)
         with backend.meter.phase("calibration"):
-            sc = score_probe(backend, scorer, probe, steps, guidance, judge=lora.disabled, batch_size=batch_size,
-                             reuse=reference)  # fmt: skip
+            sc = measure(lora)
         rows[step] = {"step": step, "erase": sc.erase, "retain": sc.retain, "h": sc.h, "reused": sc.reused}
         log.info("calibration: step %5d  erase %.2f  retain %.2f", step, sc.erase, sc.retain)
         progress("calibrate", len(rows), len(checkpoints), {"erase": sc.erase, "retain": sc.retain})
@@ -108,10 +108,12 @@ def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict
                        "scored")  # fmt: skip
                 progress("calibrate", len(checkpoints), len(checkpoints), {})
                 return CalibrationResult(step, threshold, why, [rows[s] for s, _ in checkpoints if s in rows])
-    for step, state in checkpoints:
-        if step not in rows:
+            if row["erase"] < threshold:
+                break
+    else:
+        for step, state in checkpoints:
             score(step, state)
-    curve = [rows[step] for step, _ in checkpoints]
+    curve = [rows[step] for step, _ in checkpoints if step in rows]
     chosen, why = choose_step(curve, threshold, tolerance)
     lora.restore(dict(checkpoints)[chosen])
     return CalibrationResult(chosen, threshold, why, curve)

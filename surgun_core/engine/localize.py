@@ -245,9 +245,7 @@ def localize_for(backend: Backend, cfg: EraseConfig, progress=None, cancel=None,
 
 
 def _short_config(cfg: EraseConfig) -> EraseConfig:
-    data = cfg.to_dict()
-    data.update(steps=cfg.localize_steps, checkpoint_every=0)
-    return EraseConfig.from_dict(data)
+    return replace(cfg, steps=cfg.localize_steps, checkpoint_every=0)
 
 
 def _key(backend: Backend, cfg: EraseConfig, scorer: Scorer | None, probe: ProbeSet, groups: list[BlockGroup]) -> str:

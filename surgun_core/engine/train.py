@@ -160,7 +160,7 @@ def train_delta(
                 batch.x_D = X_D.x0[idd].to(dev, backend.dtype)
                 batch.noise_D = torch.randn(batch.x_D.shape, generator=g).to(batch.x_D)
             if cfg.use_retain:
-                ir = torch.randint(0, len(X_R.prompts), (B,), generator=g)
+                ir = torch.randint(0, len(X_R.prompts), (min(cfg.retain_batch_size or B, B),), generator=g)
                 batch.x_R = X_R.x0[ir].to(dev, backend.dtype)
                 batch.c_R = bank.batch([X_R.prompts[i] for i in ir])
                 batch.noise_R = torch.randn(batch.x_R.shape, generator=g).to(batch.x_R)
@@ -210,7 +210,7 @@ class StepBatch:
 
     x_T: torch.Tensor  # (B, C, H, W) target images
     c_T: object  # their (target) prompts' conditioning, also the distractors' prompts
-    t: torch.Tensor  # (B,) training timesteps, shared by the three batches
+    t: torch.Tensor  # (B,) training timesteps, shared by the three batches (the retain batch takes the first ones)
     noise_T: torch.Tensor | None = None
     x_D: torch.Tensor | None = None  # distractor images (None: no distractor or contrast term)
     noise_D: torch.Tensor | None = None
@@ -246,14 +246,13 @@ def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBa
     if torch.isfinite(L_TD) and L_TD.requires_grad:
         L_TD.backward()
     L_T, L_D = per_T.mean().detach(), per_D.mean().detach()
-    L_R = _retain_term(backend, lset, b.x_R, b.c_R, b.t, b.noise_R) if b.x_R is not None else zero
+    L_R = _retain_term(backend, lset, b.x_R, b.c_R, b.t[: len(b.x_R)], b.noise_R) if b.x_R is not None else zero
     L_all, L_C = surgun_loss(cfg, L_T, L_D, L_R)  # the one expression over the whole batch
     L_Rpart = L_all - surgun_loss(cfg, L_T, L_D, zero)[0]  # its retain part: L(T, D, R) - L(T, D, 0), T and D held
     if torch.isfinite(L_Rpart) and L_Rpart.requires_grad:
         L_Rpart.backward()
     L = L_TD.detach() + L_Rpart.detach()  # the whole objective's value
-    L_C, L_R = L_C.detach(), L_R.detach()
-    return L, L_T, L_D, L_C, L_R
+    return L, L_T, L_D, L_C, L_R.detach()  # L_C is of detached terms already
 
 
 def _retain_term(backend, lset, x0, cond, t, noise):

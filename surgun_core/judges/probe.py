@@ -33,26 +33,35 @@ class ProbeSet:
     retained: list[str]
     templates: list[str]
     seeds: list[int] = field(default_factory=lambda: [1000, 1001])
+    erased_rows: bool = True  # False: images of the retained concepts only (the erased ones stay among the labels)
+
+    @property
+    def drawn(self) -> list[str]:
+        """The concepts whose prompts are drawn (erased first)."""
+        return self.erased + self.retained if self.erased_rows else list(self.retained)
 
     def rows(self) -> list[tuple[str, str, int]]:
-        """(prompt, label, seed) for every concept x template x seed; erased concepts first."""
-        return [(tpl.format(c), c, s) for c in self.erased + self.retained for tpl in self.templates
-                for s in self.seeds]  # fmt: skip
+        """(prompt, label, seed) for every drawn concept x template x seed; erased concepts first."""
+        return [(tpl.format(c), c, s) for c in self.drawn for tpl in self.templates for s in self.seeds]
 
     def row_templates(self) -> list[str]:
         """The template of each row (rows() order): the judge scores every label inside the row's own prompt."""
-        return [tpl for _c in self.erased + self.retained for tpl in self.templates for _s in self.seeds]
+        return [tpl for _c in self.drawn for tpl in self.templates for _s in self.seeds]
 
     @property
     def labels(self) -> list[str]:
         return self.erased + self.retained
 
 
-def probe_set(cfg: EraseConfig) -> ProbeSet:
-    """The probe prompts of an erasure: its concepts and the first few distractors (same kind), fixed seeds."""
+def probe_set(cfg: EraseConfig, erased_rows: bool = True) -> ProbeSet:
+    """The probe prompts of an erasure: its concepts and the first few distractors (same kind), fixed seeds.
+
+    erased_rows=False: only the retained concepts are drawn (calibration's "self" signal measures erasure
+    without drawing); the erased concepts stay among the labels the judge chooses from."""
     templates = cfg.probe_templates or (cfg.templates or list(templates_for(cfg.kind)))[:2]
     retained = cfg.resolved_distractors()[: cfg.probe_retained]
-    return ProbeSet(list(cfg.concepts), retained, templates, [PROBE_SEED + i for i in range(cfg.probe_seeds)])
+    seeds = [PROBE_SEED + i for i in range(cfg.probe_seeds)]
+    return ProbeSet(list(cfg.concepts), retained, templates, seeds, erased_rows)
 
 
 def judge_for(cfg: EraseConfig, backend: Backend) -> Scorer:
@@ -118,12 +127,13 @@ def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 
             for i, p in zip(todo, scorer.predict(x0[todo], probe.labels, [templates[i] for i in todo])):
                 pred[i] = p
     per = {}
-    for c in probe.labels:
+    for c in probe.drawn:
         hits = [p == c for p, r in zip(pred, rows) if r[1] == c]
         per[c] = sum(hits) / len(hits)
         if c in probe.erased:
             per[c] = 1 - per[c]
-    erase = sum(per[c] for c in probe.erased) / len(probe.erased)
+    # no erased rows drawn: erase is not measured here (0.0)
+    erase = sum(per[c] for c in probe.erased) / len(probe.erased) if probe.erased_rows else 0.0
     retain = sum(per[c] for c in probe.retained) / len(probe.retained) if probe.retained else 1.0
     return ProbeScores(erase, retain, per, x0, list(pred), len(rows) - len(todo))
 

@@ -99,7 +99,7 @@ def spread(drawn_as: list[str], others: list[str]) -> float:
         return 0.0
     p = np.array([drawn_as.count(o) for o in others], dtype=float) / len(drawn_as)
     p = p[p > 0]
-    return float(-(p * np.log(p)).sum() / np.log(len(others)))
+    return float(-(p * np.log(p)).sum() / np.log(len(others))) + 0.0  # + 0.0: one proxy gives 0.0, not -0.0
 
 
 @contextlib.contextmanager
