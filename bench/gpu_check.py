@@ -4,7 +4,7 @@ For a task that is lent a GPU: one prepared run (under 8 minutes on one H100/H20
 how fast and how big SurgUn's erase is on a card, before real checkpoints are in reach. Each model is whole
 (UNet, text encoders, VAE: bench/full_models.py) with random weights, on the recipe of its family
 (surgun_core.recipes), and goes through the engine's own calls:
-  training step   surgun_core.plan.training_step: the loop's surgun_backward at the recipe's batch (targets +
+  training step   surgun_core.plan_timing.training_step: the loop's surgun_backward at the recipe's batch (targets +
                   distractors in one forward and backward, the retain anchor's two forwards), clip, AdamW
   sampled image   backend.sample, the recipe's guidance, a batch of sample_batch_size images
   judged image    surgun_core.judges.scorers.DiffusionScorer.predict over the probe set's labels
@@ -41,8 +41,9 @@ from surgun_core.judges.probe import judge_templates, probe_set
 from surgun_core.judges.scorers import DiffusionScorer
 from surgun_core.lora import LoRASet
 from surgun_core.meter import total
-from surgun_core.plan import largest_no_grad_batch, n_checkpoints, plan_erase, regime, step_forwards, training_step
+from surgun_core.plan import largest_no_grad_batch, n_checkpoints, plan_erase, regime, step_forwards
 from surgun_core.plan_memory import estimate_memory, lora_targets, trace_activations
+from surgun_core.plan_timing import training_step
 from surgun_core.recipes import family_of, recipe_config
 from surgun_core.testing import tiny_sd1_backend, tiny_sdxl_backend
 

@@ -98,6 +98,12 @@ class EraseConfig:
     # from step 48, probe 0.62-0.88 until 144; purple at 120: UA 0.60, probe 0.81), for 320 forwards a checkpoint
     # where drawing and judging the concept's 16 probe images cost 960. "probe": both from judged probe images
     calibrate_signal: str = "self"
+    # with calibrate and "self" only: the erased model's own verdict is taken at every checkpoint while training,
+    # and training stops at the first checkpoint that erases (erase_threshold); calibration then checks retain
+    # there (an earlier one does not erase). Toy world (a checkpoint every 12 of 120 steps, ground truth): the first
+    # erasing checkpoint came at step 24-60 and scored H within 0.013 of step 120's (square 0.987 vs 0.978, circle
+    # 0.970 vs 0.983); retain falls later in training (ring IRA 0.96 at 48, 0.85 at 60)
+    stop_when_erased: bool = False
     self_judge_images: int = 16  # held-out base images of each erased concept ("self"), drawn once per erase
     self_judge_timesteps: int = 4  # timesteps of the erased model's own diffusion classifier ("self")
     erase_threshold: float = 0.9  # probe erase score a block group / checkpoint must reach
@@ -240,6 +246,16 @@ class EraseConfig:
     def probe_steps(self) -> int:
         """Sampler steps of the probe images that localization and calibration score."""
         return self.probe_sample_steps or self.sample_steps
+
+    @property
+    def stops_when_erased(self) -> bool:
+        """Whether training stops at the first erasing checkpoint: stop_when_erased, calibrating on "self" only."""
+        return bool(self.stop_when_erased and self.calibrate and self.calibrate_signal == "self")
+
+    @property
+    def retain_rows(self) -> int:
+        """Retain-anchor rows of a training step: retain_batch_size, at most batch_size (batch_size if unset)."""
+        return min(self.retain_batch_size or self.batch_size, self.batch_size)
 
     @property
     def checkpoint_interval(self) -> int:

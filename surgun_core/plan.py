@@ -19,6 +19,8 @@ config and the model alone, phase for phase, in the meter's own phase names:
   calibration/self-judging       "self": per scored checkpoint, the erased model classifies the held-out images
                                  (self_judge_images per concept, drawn once under reference/probe images) over
                                  the probe labels at self_judge_timesteps
+  training/self-judging          the same at every checkpoint while training, with stop_when_erased (training
+                                 stops at the first that erases; calibration reads those verdicts again)
 What the judge sees decides part of the work (surgun.erase): calibration measures checkpoints latest first and
 stops at the first that fits or does not erase (so a run that is extended had one measured: its last). With
 blocks="auto" and localize_first_fit the widest group (every level's cross-attention K/V) gets a full run first
@@ -31,8 +33,9 @@ One training step: the target and distractor batches in one forward with a backw
 B rows without distractors or contrast), and with the retain anchor its no-grad reference (1 per row) and
 its forward with a backward (3 per row). The diffusion judge: images x timesteps x labels, each label inside
 the image's own prompt.
-The plan assumes empty caches (no training image and no localization cached) and that every step runs
-(training stops early only on a non-finite loss); cached images cost nothing, so a rerun costs less.
+The plan assumes empty caches (no training image and no localization cached) and, for the most, that every
+step runs (stop_when_erased stops at the first checkpoint that erases: the fewest stops at the first one);
+cached images cost nothing, so a rerun costs less.
 
 Memory: plan_memory.estimate_memory, at the largest batch of each kind (the training step's, and the
 largest no-grad one: training images or probe images with guidance, or the judge's batches).
@@ -45,20 +48,17 @@ no-grad phases (images, probe images, judging).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
-
-import torch
 
 from .backends.base import Backend
 from .config import EraseConfig
 from .engine.localize import candidate_groups
-from .engine.train import StepBatch, surgun_backward
-from .judges.probe import ProbeSet, judge_for, needs_judge, probe_set
+from .judges.checkpoint import calibration_probe
+from .judges.probe import judge_for, needs_judge, probe_set
 from .judges.scorers import DiffusionScorer, Scorer
-from .lora import LoRASet
 from .meter import total
-from .plan_memory import MemoryEstimate, estimate_memory, lora_targets
+from .plan_memory import MemoryEstimate, estimate_memory
+from .plan_timing import time_forwards
 from .registry import AUTO_BLOCKS, SCORER_NAMES
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,10 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
     first_fit = auto and cfg.localize_first_fit  # fewest: the widest group kept, its last checkpoint fits
     probe = calibration_probe(cfg)  # fewest: every retained probe image unchanged: the judge reuses the base's label
     unchanged = len(probe.rows()) - len([r for r in probe.rows() if r[1] in probe.erased])
+    early = [min(cfg.steps, cfg.checkpoint_interval)] if cfg.stops_when_erased else None  # its first checkpoint erases
     fewest = count_forwards(backend, cfg, scorer, full_runs=[1 if first_fit else min(1, ckpts)],
                             groups_run=0 if first_fit else None,
-                            reused=unchanged if ckpts or first_fit else 0, extended=0)  # fmt: skip
+                            reused=unchanged if ckpts or first_fit else 0, extended=0, trained=early)  # fmt: skip
     plan = Plan(count_forwards(backend, cfg, scorer), fewest, backend.architecture, cfg.recipe or "(none)",
                 str(backend.device), str(backend.dtype).removeprefix("torch."), groups, ckpts,
                 _assumptions(cfg))  # fmt: skip
@@ -162,7 +163,8 @@ def _assumptions(cfg: EraseConfig) -> list[str]:
 
 def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = None, *,
                    full_runs: list[int] | None = None, groups_run: int | None = None,
-                   reused: int = 0, extended: int | None = None) -> dict[str, int]:  # fmt: skip
+                   reused: int = 0, extended: int | None = None,
+                   trained: list[int] | None = None) -> dict[str, int]:  # fmt: skip
     """Sample-forwards per meter phase that erase(backend, cfg, scorer=scorer) does (phases with none left out).
 
     What the judge decides sets two things, so they are arguments (default: the most an erase can cost):
@@ -173,6 +175,8 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
             judges/probe.same_image); 0: every one judged (the most).
         extended: steps trained beyond cfg.steps because no checkpoint erased (cfg.extend_steps when
             calibrating: the most; 0 when the first run erased).
+        trained: steps each full run trained before any extension (stop_when_erased stops a run at the first
+            checkpoint that erases; default: cfg.steps each, the most).
     outcome_of(backend, cfg, result) reads both from a finished erase.
     """
     auto = cfg.blocks.strip() == AUTO_BLOCKS
@@ -183,8 +187,8 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
         extended = cfg.extend_steps if cfg.calibrate else 0
     if full_runs is None:  # first fit: the widest group's run scored in full (or its last step), then another
         full_runs = [ckpts or 1, ckpts] if first_fit else [ckpts]
-        if extended:  # no checkpoint erased: the scan stopped at the last one; then the extension's checkpoints
-            full_runs[-1] = 1 + n_checkpoints(cfg, extended)
+        if extended:  # no checkpoint erased: "self" stopped at the last one ("probe" scored all), then the extension's
+            full_runs[-1] = (1 if cfg.calibrate_signal == "self" else ckpts) + n_checkpoints(cfg, extended)
     if groups_run is None:
         groups_run = (1 if gradient else len(candidate_groups(backend, cfg.localize_attention)) - first_fit) * auto
     rows = 1 if cfg.guidance == 1.0 else 2  # rows per image per sampler step
@@ -203,7 +207,7 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
         add(f"{phase}/probe images", times * n_images * cfg.probe_steps * rows)
         add(f"{phase}/judging", times * judge(n_images, labels))
 
-    if scorer is not None or needs_judge(cfg):  # erase() scores the base model first (the retain bar)
+    if cfg.calibrate or first_fit:  # erase() scores the base model first (the retain bar) and draws "self"'s images
         score("reference", n_probe)
         add("reference/probe images", n_self * cfg.probe_steps * rows)  # "self": the held-out images
     # localization's own probe set (short runs with fewer seeds than calibration's, or all rows where "self" draws
@@ -218,10 +222,16 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
     add("localization/training", groups_run * (cfg.localize_batches if gradient else cfg.localize_steps)
         * step_forwards(cfg))  # fmt: skip
     score("localization", n_loc, 0 if gradient else groups_run)
-    add("training", (len(full_runs) * cfg.steps + extended) * step_forwards(cfg))
+    trained = [cfg.steps] * len(full_runs) if trained is None else trained
+    add("training", (sum(trained) + extended) * step_forwards(cfg))
     score("calibration", n_probe, sum(full_runs))
     add("calibration/judging", -judge(reused, labels))
-    add("calibration/self-judging", sum(full_runs) * n_self * cfg.self_judge_timesteps * labels)
+    self_judged = n_self * cfg.self_judge_timesteps * labels  # one checkpoint's verdict
+    if cfg.stops_when_erased:  # every checkpoint judged while training; calibration reads those verdicts again
+        judged = sum(n_checkpoints(cfg, s) for s in trained) + (n_checkpoints(cfg, extended) if extended else 0)
+        add("training/self-judging", judged * self_judged)
+    else:
+        add("calibration/self-judging", sum(full_runs) * self_judged)
     return {k: v for k, v in sorted(out.items()) if v}
 
 
@@ -233,14 +243,16 @@ def outcome_of(backend: Backend, cfg: EraseConfig, result) -> dict:
     loc = result.localization
     runs = (1 if cfg.localize_method == "gradient" else len(loc.groups)) if loc else 0  # localization's runs
     extended = result.extended_steps  # the extension's checkpoints are in the curve (scored) already
+    last = result.steps_done - extended  # the last run's steps before its extension
     if not (cfg.blocks.strip() == AUTO_BLOCKS and cfg.localize_first_fit):
-        return {"full_runs": [scored], "groups_run": runs, "reused": reused, "extended": extended}
+        return {"full_runs": [scored], "groups_run": runs, "reused": reused, "extended": extended, "trained": [last]}
     widest = max(candidate_groups(backend, cfg.localize_attention), key=lambda g: len(g.modules))
     if loc.chosen == [widest.name]:  # kept after its full run (the others skip it)
         return {"full_runs": [scored if cfg.calibrate else 1], "groups_run": 0, "reused": reused,
-                "extended": extended}  # fmt: skip
+                "extended": extended, "trained": [last]}  # fmt: skip
     # let go: its last checkpoint did not fit; calibration scored down to the first that fits or does not erase
-    return {"full_runs": [result.let_go_scored, scored], "groups_run": runs, "reused": reused, "extended": extended}
+    return {"full_runs": [result.let_go_scored, scored], "groups_run": runs, "reused": reused, "extended": extended,
+            "trained": [result.let_go_steps, last]}  # fmt: skip
 
 
 def training_images(cfg: EraseConfig) -> int:
@@ -256,7 +268,7 @@ def step_forwards(cfg: EraseConfig) -> int:
     B = cfg.batch_size
     n = 3 * B * (2 if cfg.use_distractors or cfg.use_contrast else 1)  # target (+ distractor) batch, backward
     if cfg.use_retain:
-        R = min(cfg.retain_batch_size or B, B)
+        R = cfg.retain_rows
         n += R + 3 * R  # the frozen reference (no grad), then the LoRA's forward with its backward
     return n
 
@@ -268,11 +280,6 @@ def n_checkpoints(cfg: EraseConfig, steps: int | None = None) -> int:
         return 0
     every, steps = cfg.checkpoint_interval, cfg.steps if steps is None else steps
     return steps // every + (1 if steps % every else 0)
-
-
-def calibration_probe(cfg: EraseConfig) -> ProbeSet:
-    """The probe set calibration draws (judges/checkpoint.py): "self" draws the retained concepts' rows only."""
-    return probe_set(cfg, erased_rows=cfg.calibrate_signal == "probe")
 
 
 def _judge(backend: Backend, cfg: EraseConfig, scorer: Scorer | None) -> Scorer | None:
@@ -304,69 +311,6 @@ def largest_no_grad_batch(backend: Backend, cfg: EraseConfig, scorer: Scorer | N
     if judged and isinstance(judge, DiffusionScorer):
         out.append(min(judge.batch_size, probe * judge.timesteps))  # one label prompt at a time over the batch
     return max(out)
-
-
-# ---- seconds -----------------------------------------------------------------------------------------------
-
-
-def time_forwards(backend: Backend, cfg: EraseConfig, sampler_steps: int = 2) -> dict[str, float]:
-    """Seconds per sample-forward: "training" from one training step, "inference" from one sampler call.
-
-    Real work on the model, metered under "plan timing". On CUDA each is run once untimed first (kernel
-    selection and caches warm up); on a CPU the single timed run includes that warm-up.
-    """
-    warm = backend.device.type == "cuda"
-    with backend.meter.phase("plan timing"):
-        prompts = [f"a photo of {cfg.concepts[0]}"] * min(cfg.sample_batch_size, 64)
-        seeds = list(range(len(prompts)))
-        sample = lambda: backend.sample(prompts, seeds, sampler_steps, cfg.guidance, batch_size=len(prompts))  # noqa: E731
-        inference = _per_forward(backend, sample, warm)
-        lset = LoRASet(lora_targets(backend, cfg), cfg.rank, cfg.alpha).attach()
-        try:
-            opt = torch.optim.AdamW(list(lset.parameters()), lr=cfg.lr)
-            ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else warm
-            with backend.gradient_checkpointing(ckpt):
-                training = _per_forward(backend, lambda: training_step(backend, cfg, lset, opt), warm)
-        finally:
-            lset.detach()
-    return {"training": training, "inference": inference}
-
-
-def _per_forward(backend: Backend, fn, warm: bool) -> float:
-    if warm:
-        fn()
-    _sync(backend)
-    before = total(backend.meter.counts)
-    t0 = time.perf_counter()
-    fn()
-    _sync(backend)
-    return (time.perf_counter() - t0) / max(1, total(backend.meter.counts) - before)
-
-
-def _sync(backend: Backend) -> None:
-    if backend.device.type == "cuda":
-        torch.cuda.synchronize(backend.device)
-
-
-def training_step(backend: Backend, cfg: EraseConfig, lset: LoRASet, opt: torch.optim.Optimizer,
-                  seed: int = 0) -> torch.Tensor:  # fmt: skip
-    """One step of the training loop (engine/train.py) on random latents: the loop's own surgun_backward,
-    gradient clipping and the optimizer step, at cfg.batch_size with cfg's loss terms. Returns the loss."""
-    g = torch.Generator().manual_seed(seed)
-    B, dev, dt = cfg.batch_size, backend.device, backend.dtype
-    shape = (B, *backend.latent_shape())
-    rand = lambda: torch.randn(shape, generator=g).to(dev, dt)  # noqa: E731
-    c = backend.encode([f"a photo of {cfg.concepts[0]}"] * B)
-    b = StepBatch(rand(), c, backend.objective.sample_t(B, g), rand())
-    if cfg.use_distractors or cfg.use_contrast:
-        b.x_D, b.noise_D = rand(), rand()
-    if cfg.use_retain:
-        b.x_R, b.c_R, b.noise_R = rand(), c, rand()
-    opt.zero_grad(set_to_none=True)
-    L = surgun_backward(backend, cfg, lset, b)[0]
-    torch.nn.utils.clip_grad_norm_(list(lset.parameters()), cfg.max_grad_norm)
-    opt.step()
-    return L
 
 
 # ---- report ------------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ def _toy_concepts(kind: str, concepts: list[str]) -> dict:
 # robust mode calibrates on drawn probe images ("probe"): with every attention layer trained, the erased model's own
 # verdict on base images of the concept read it as still there where its drawn images were not (toy world, step 200:
 # circle 0.81, square 0.00, ground truth UA 1.00), so every robust run trained 60 steps more
-ROBUST = {"blocks": "all-attn", "lr_schedule": "constant", "calibrate_signal": "probe"}
+ROBUST = {"blocks": "all-attn", "lr_schedule": "constant", "calibrate_signal": "probe", "stop_when_erased": False,
+          "checkpoint_every": 0}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,13 @@ class Recipe:
 # probe: one seed per template (4 retained concepts x 4 templates = 16 images a checkpoint) and a tolerance of one
 # image (0.07): 4 seeds drew 64 retained images a checkpoint, 4,800 of the 22,600 forwards of circle's erase. Tried
 # and not kept (one run each, ground truth): training images at 10 sampler steps (-1,600 forwards) shipped square
-# at UA 0.90 (1.00 at 20 steps); 4 retain rows a step (-1,920) purple at IRA 0.79 (0.95 with 8)
+# at UA 0.90 (1.00 at 20 steps); 4 retain rows a step (-1,920) purple at IRA 0.79 (0.95 with 8). Training stops at
+# the first checkpoint (every 12 steps) that the erased model's own verdict reads as erased (stop_when_erased): on
+# the toy world the concept was gone by step 24-60 (ground truth), and the steps after it cost retain more often
+# than they bought erasure (square IRA 0.96 at 60, 0.94 at 120; ring 0.96 at 48, 0.85 at 60)
 TOY_SETTINGS = dict(steps=120, lr=1e-2, w_retain=300.0, rank=4, alpha=4.0, batch_size=8, images_per_concept=16,
                     guidance=4.0, sample_batch_size=64, probe_sample_steps=10, judge_prompts=1, probe_seeds=1,
-                    retain_tolerance=0.07, extend_steps=60)  # fmt: skip
+                    retain_tolerance=0.07, extend_steps=60, stop_when_erased=True, checkpoint_every=12)  # fmt: skip
 
 # robust mode on the toy world: 200 steps at a constant 6e-3 with the retain anchor at 100 (circle, with the
 # adversary's rows a loss group of their own: inversion recovery 0.025, IRA 0.975; the anchor at 300 held the

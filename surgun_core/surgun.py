@@ -21,7 +21,7 @@ from .config import EraseConfig
 from .engine.calibrate import CalibrationResult, calibrate
 from .engine.localize import LocalizeResult, localize, widest_group
 from .engine.train import Cancel, Progress, train_delta
-from .judges.checkpoint import Measure, checkpoint_measure
+from .judges.checkpoint import Measure, SelfMeasure, checkpoint_measure
 from .judges.probe import ProbeScores, fits, judge_for, needs_judge, probe_set, reference_scores
 from .judges.scorers import Scorer
 from .lora import LoraDelta, LoRASet
@@ -47,6 +47,8 @@ class EraseResult:
     forwards_by_phase: dict[str, int] = field(default_factory=dict)  # the cost meter's count of this erase
     extended_steps: int = 0  # steps trained beyond cfg.steps because no checkpoint erased (cfg.extend_steps)
     let_go_scored: int = 0  # checkpoints calibration scored on the widest group's full run before it was let go
+    let_go_steps: int = 0  # steps the widest group's full run trained before it was let go
+    erased_at: int | None = None  # stop_when_erased: the checkpoint at which training stopped, erased
 
     @property
     def forwards(self) -> int:
@@ -84,13 +86,13 @@ def erase(
     probe = probe_set(cfg)
     if scorer is None and needs_judge(cfg):
         scorer = judge_for(cfg, backend)
-    # 0. the base model's scores, before any LoRA is on: what calibration's measure is held to
+    # 0. the base model's scores, before any LoRA is on: what calibration's measure is held to (and first fit's)
     reference, measure, base = None, None, None
-    if scorer is not None:
+    if scorer is not None and (cfg.calibrate or (auto and cfg.localize_first_fit)):
         reference = reference_scores(backend, scorer, cfg.probe_steps, cfg.guidance, cfg.sample_batch_size)
         measure, base = checkpoint_measure(backend, cfg, scorer, reference)
     run = _Runner(backend, cfg, measure, base, progress, cancel, cache)
-    result, loc, skip, let_go = None, None, (), 0
+    result, loc, skip, let_go, let_go_steps = None, None, (), 0, 0
     if auto and cfg.localize_first_fit and base is not None:  # 1a. the widest group, with the full run
         wide = widest_group(backend, cfg.localize_attention)
         result = run(wide.pattern, score_last=True)
@@ -103,6 +105,7 @@ def erase(
             log.info("localization: %s let retain fall or did not erase (%s); ranking the narrower groups",
                      wide.name, row)  # fmt: skip
             result.lora.detach()
+            let_go_steps = result.steps_done
             result, skip, let_go = None, (wide.name,), len(result.calibration.curve)
     if result is None:
         if auto:  # 1b. short runs rank the (other) groups
@@ -110,6 +113,7 @@ def erase(
                            reference=reference, skip=skip)  # fmt: skip
         result = run(loc.pattern if loc else cfg.block_pattern, score_last=False)
     result.localization, result.let_go_scored = loc, let_go
+    result.let_go_steps = let_go_steps if let_go else 0
     if not cfg.calibrate:
         result.calibration = None  # scored only to check the widest group: the last step ships
     result.seconds = time.time() - t_start
@@ -133,27 +137,37 @@ class _Runner:
 
     def __call__(self, pattern: str, score_last: bool) -> EraseResult:
         cfg = self.cfg
-        t = train_delta(self.backend, cfg, pattern, self.progress, self.cancel, self.cache, cfg.checkpoint_interval)
+        t = train_delta(self.backend, cfg, pattern, self.progress, self.cancel, self.cache, cfg.checkpoint_interval,
+                        stop_at=self._stop_at())  # fmt: skip
         result = EraseResult(t.lora, history=t.history, checkpoints=t.checkpoints, steps_done=t.steps_done,
-                             stopped=t.stopped)  # fmt: skip
+                             stopped=t.stopped, erased_at=t.erased_at)  # fmt: skip
         checkpoints = result.checkpoints if cfg.calibrate else [(t.steps_done, t.lora.snapshot())]
         if (cfg.calibrate or score_last) and checkpoints:
             result.calibration = self._calibrate(result.lora, checkpoints)
             if cfg.calibrate and cfg.extend_steps and not t.stopped and _none_erased(result.calibration):
-                result = self._extend(pattern, result)
+                result = self._extend(pattern, result, t.adversary)
         return result
+
+    def _stop_at(self):
+        """stop_when_erased: the erased model's own verdict at each checkpoint (kept: calibration reads it again)."""
+        if not (self.cfg.stops_when_erased and isinstance(self.measure, SelfMeasure)):
+            return None
+        return lambda lora: self.measure.verdict(lora)[0] >= self.cfg.erase_threshold
 
     def _calibrate(self, lora: LoRASet, checkpoints: list[tuple[int, dict]]) -> CalibrationResult:
         cfg = self.cfg
         try:
+            monotone = cfg.calibrate_signal == "self"  # fixed images: an earlier checkpoint erases less
             return calibrate(self.backend, lora, checkpoints, self.measure, cfg.erase_threshold, cfg.retain_tolerance,
-                             self.base, self.progress, self.cancel)  # fmt: skip
+                             self.base, self.progress, self.cancel, stop_unerased=monotone)  # fmt: skip
         except BaseException:
             lora.detach()  # cancelled or failed: the model is left as it was
             raise
 
-    def _extend(self, pattern: str, first: EraseResult) -> EraseResult:
-        """No checkpoint erased: train cfg.extend_steps more from the last one (once) and calibrate those."""
+    def _extend(self, pattern: str, first: EraseResult, adversary: dict | None) -> EraseResult:
+        """No checkpoint erased: train cfg.extend_steps more from the last one (once) and calibrate those; robust
+        mode's attacker goes on from its last tokens (restarted from the word, it let the extension settle where
+        inversion still found the concept: toy yellow, recovery 0.275)."""
         cfg, best = self.cfg, max(r["erase"] for r in first.calibration.curve)
         log.info("no checkpoint of %d steps erased (best probe erase %.2f < %g): training %d steps more",
                  first.steps_done, best, cfg.erase_threshold, cfg.extend_steps)  # fmt: skip
@@ -161,13 +175,14 @@ class _Runner:
         first.lora.detach()
         more = replace(cfg, steps=cfg.extend_steps, extend_steps=0)
         t = train_delta(self.backend, more, pattern, self.progress, self.cancel, self.cache, cfg.checkpoint_interval,
-                        init_state=last, first_step=first.steps_done)  # fmt: skip
+                        init_state=last, first_step=first.steps_done, init_adversary=adversary,
+                        stop_at=self._stop_at())  # fmt: skip
         cal = self._calibrate(t.lora, t.checkpoints)
         cal.reason = (f"trained {cfg.extend_steps} steps more (no checkpoint of the first {first.steps_done} erased: "
                       f"best probe erase {best:.2f}); {cal.reason}")  # fmt: skip
         cal.curve = first.calibration.curve + cal.curve
         return EraseResult(t.lora, history=first.history + t.history, checkpoints=first.checkpoints + t.checkpoints,
-                           steps_done=t.steps_done, stopped=t.stopped, calibration=cal,
+                           steps_done=t.steps_done, stopped=t.stopped, calibration=cal, erased_at=t.erased_at,
                            extended_steps=t.steps_done - first.steps_done)  # fmt: skip
 
 

@@ -116,6 +116,11 @@ def test_calibration_scores_latest_first_and_stops_at_the_first_that_fits(toy_ba
                                 reference=ProbeScores(0.0, 1.0, {}))  # fmt: skip
         assert scored == [100, 80, 60] and [r["step"] for r in res.curve] == [60, 80, 100]
         assert res.chosen_step == 80  # of the scored that erase, retain within 0.01 of the best (0.85): 80
+        scored.clear()
+        curve[40] = (0.95, 1.0)  # drawn probe images (robust mode) swing: without stop_unerased the scan goes on
+        res = cal_mod.calibrate(toy_backend, lset, states, judged, 0.9, tolerance=0.01,
+                                reference=ProbeScores(0.0, 1.0, {}), stop_unerased=False)  # fmt: skip
+        assert scored == [100, 80, 60, 40] and res.chosen_step == 40 and "latest that fits" in res.reason
     finally:
         lset.detach()
 
@@ -298,7 +303,10 @@ def test_self_measure_draws_only_the_retained_rows_and_asks_the_model_as_it_is(t
         assert sc.reused == 8  # the zero LoRA drew the retained images as the base did: their judgements reused
         measure.retain.reference = None  # judge them all again, to see who judges
         measure(lset)
-        assert seen == [("retain", False), ("self", True)]
+        assert seen == [("retain", False)]  # this LoRA state's own verdict is kept: not asked again
+        measure.seen.clear()
+        measure(lset)
+        assert seen == [("retain", False), ("retain", False), ("self", True)]
     finally:
         lset.detach()
     assert PROBE_SEED in measure.retain.probe.seeds

@@ -42,6 +42,8 @@ SMALL = dict(
     localize_first_fit=True,  # the widest group first; the "ranked" cases turn it off
     localize_method="short-runs",  # pixel-grounded short runs; the "gradient" cases use the default
     extend_steps=0,  # no extension unless a case asks for it
+    stop_when_erased=False,  # every step trained unless a case asks (the toy recipe stops at the first erasing one)
+    checkpoint_every=0,  # steps / 5
 )
 CASES = {
     "fixed blocks": dict(blocks="cross-attn-kv", calibrate=False),
@@ -60,6 +62,12 @@ CASES = {
     ),
     # too weak to erase: no checkpoint reaches the threshold, so 4 steps more are trained and calibrated
     "not erased: extended": dict(blocks="cross-attn-kv", lr=1e-7, extend_steps=4),
+    # training stops at the first checkpoint the erased model's own verdict reads as erased
+    "stop when erased": dict(steps=10, localize_steps=10, lr=3e-2, batch_size=4, images_per_concept=4,
+                             sample_steps=6, probe_sample_steps=6, stop_when_erased=True, checkpoint_every=2),
+    "stop when erased, ranked, not erased: extended": dict(localize_first_fit=False, localize_method="gradient",
+                                                          localize_batches=2, lr=1e-7, extend_steps=4,
+                                                          stop_when_erased=True, checkpoint_every=2),
     "ascent only, toy judge, every group of all attention kinds": dict(
         use_ascent=True, use_distractors=False, use_contrast=False, use_retain=False, scorer="toy",
         localize_attention="all", localize_first_fit=False, calibrate=False,
@@ -84,7 +92,8 @@ def test_plan_counts_equal_what_erase_meters(toy_backend, case):
     runs = 1 if cfg.localize_method == "gradient" else plan.candidate_groups
     ext = cfg.extend_steps
     most = {"full_runs": [plan.checkpoints + (n_checkpoints(replace(cfg, steps=ext)) if ext else 0)],
-            "groups_run": runs if cfg.blocks == "auto" else 0, "reused": 0, "extended": ext}  # fmt: skip
+            "groups_run": runs if cfg.blocks == "auto" else 0, "reused": 0, "extended": ext,
+            "trained": [cfg.steps]}  # fmt: skip
     if outcome == most:  # all the work: the most
         assert result.forwards_by_phase == plan.forwards_by_phase
     if ext:
@@ -92,9 +101,14 @@ def test_plan_counts_equal_what_erase_meters(toy_backend, case):
         assert result.calibration.reason.startswith(f"trained {ext} steps more")
         assert [r["step"] for r in result.calibration.curve][-1] == cfg.steps + ext
     unchanged = cfg.probe_retained  # retained probe images (1 template, 1 seed: one per concept)
-    widest = {"full_runs": [1], "groups_run": 0, "reused": unchanged, "extended": 0}
+    widest = {"full_runs": [1], "groups_run": 0, "reused": unchanged, "extended": 0, "trained": [cfg.steps]}
     if result.localization and outcome == widest:  # widest kept
         assert result.forwards_by_phase == plan.fewest_by_phase
+    if cfg.stop_when_erased:  # every checkpoint judged while training, up to the first the model reads as erased
+        if result.erased_at is not None:
+            assert result.erased_at == result.steps_done and result.steps_done % cfg.checkpoint_every == 0
+        assert "training/self-judging" in result.forwards_by_phase
+        assert "calibration/self-judging" not in result.forwards_by_phase  # the verdicts are read again
     if not cfg.calibrate and not (result.localization and cfg.localize_first_fit):  # nothing left to the judge
         assert plan.forwards_by_phase == result.forwards_by_phase == plan.fewest_by_phase
 

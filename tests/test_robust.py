@@ -9,7 +9,7 @@ from surgun_core.config import EraseConfig
 from surgun_core.demo import toy_config
 from surgun_core.engine.data import generate_concept_images
 from surgun_core.engine.robust import PLACEHOLDER, Adversary
-from surgun_core.engine.train import StepBatch, surgun_backward, surgun_loss
+from surgun_core.engine.train import StepBatch, surgun_backward, surgun_loss, train_delta
 from surgun_core.errors import ConfigError
 from surgun_core.lora import LoRASet
 from surgun_core.surgun import erase
@@ -47,6 +47,29 @@ def test_a_robust_erase_meters_its_adversary(toy_backend):
         assert result.delta.metadata["surgun.config"].count('"robust": true') == 1
     finally:
         result.lora.detach()
+
+
+def test_an_extension_goes_on_from_the_adversarys_last_tokens(toy_backend, monkeypatch):
+    cfg = toy_config("circle", robust=True, robust_every=2, robust_steps=3, steps=2, batch_size=2,
+                     images_per_concept=2, blocks="cross-attn-kv", calibrate=False)  # fmt: skip
+    pattern, cache = cfg.block_pattern, ImageCache(None)
+    first = train_delta(toy_backend, cfg, pattern, cache=cache)
+    first.lora.detach()
+    word = toy_backend.word_embedding("circle").float().mean(0, keepdim=True)
+    learned = first.adversary[PLACEHOLDER]
+    assert not torch.allclose(learned, word.expand_as(learned))  # the attacker moved off the word
+    seen = []
+    real = Adversary.refresh
+
+    def spy(self, step, first_step=0):
+        seen.append({k: v.clone() for k, v in self.tokens.items()})
+        return real(self, step, first_step)
+
+    monkeypatch.setattr(Adversary, "refresh", spy)  # a spy: the real refresh runs
+    more = train_delta(toy_backend, cfg, pattern, cache=cache, init_state=first.lora.snapshot(),
+                       first_step=first.steps_done, init_adversary=first.adversary)  # fmt: skip
+    more.lora.detach()
+    assert torch.equal(seen[0][PLACEHOLDER], learned)  # its first refresh starts where the last run's ended
 
 
 def test_the_adversarys_rows_are_a_group_of_their_own_in_the_loss(toy_backend):

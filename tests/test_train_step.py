@@ -75,3 +75,22 @@ def test_cosine_schedule_ends_the_run_settled():
     # Adam's steps are about lr long: cosine's last is cos-decayed to ~4% of its first, constant's is not
     assert cosine[-1] < 0.15 * cosine[0]
     assert constant[-1] > 0.3 * constant[0]
+
+
+def test_training_stops_at_the_first_checkpoint_stop_at_accepts():
+    backend = tiny_backend("sd1")
+    cfg = EraseConfig(concepts=["cat"], distractors=["dog"], templates=["a {}"], steps=8, lr=1e-2, batch_size=2,
+                      images_per_concept=2, sample_steps=2)  # fmt: skip
+    asked = []
+
+    def stop_at(lset):  # stands in for the erased model's verdict: "erased" at the second checkpoint it is asked
+        asked.append({k: v.clone() for k, v in lset.snapshot().items()})
+        return len(asked) == 2
+
+    res = train_delta(backend, cfg, r"attn2\.(to_k|to_v)$", cache=ImageCache(None), checkpoint_every=3,
+                      stop_at=stop_at)  # fmt: skip
+    res.lora.detach()
+    assert res.erased_at == res.steps_done == 6 and [s for s, _ in res.checkpoints] == [3, 6]
+    assert len(res.history) == 6 and res.stopped is None
+    for (_, kept), seen in zip(res.checkpoints, asked):  # asked with the LoRA of the checkpoint it just kept
+        assert all(torch.equal(kept[k], seen[k]) for k in kept)

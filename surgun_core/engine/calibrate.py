@@ -69,15 +69,19 @@ def choose_step(curve: list[dict], threshold: float, tolerance: float = 0.0) -> 
 
 def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict]], measure: Measure,
               threshold: float = 0.9, tolerance: float = 0.0, reference: ProbeScores | None = None,
-              progress=None, cancel=None) -> CalibrationResult:  # fmt: skip
+              progress=None, cancel=None, stop_unerased: bool = True) -> CalibrationResult:  # fmt: skip
     """Score the checkpoints with `measure` (judges/checkpoint.py); leave `lora` holding the chosen one.
 
     With the base model's own scores (`reference`), checkpoints are scored latest first and the first that
     reaches the erase threshold with retain within `tolerance` of the base model's ships (the judge sees no retain
     fall there; erasure grows and retain falls with the steps, so it is the most erased one that keeps retain);
-    the earlier ones are not scored. The scan also stops at the first checkpoint that does not erase: an earlier
-    one, trained less, erases less (the orchestrator then trains longer when the last one did not). When none
-    fits, choose_step decides among the scored ones; without a reference every checkpoint is scored.
+    the earlier ones are not scored. With `stop_unerased` the scan also stops at the first checkpoint that does not
+    erase: an earlier one, trained less, erases less (the orchestrator then trains longer when the last one did
+    not). That holds for the erased model's own verdict on fixed images ("self"), not for drawn probe images in
+    robust mode, where the adversary keeps erasure swinging between checkpoints (toy world, yellow: step 200 read
+    0.875, step 160 erased and held against inversion; stopping at 200 trained 60 steps more and shipped a
+    checkpoint that inversion brought back in 0.275 of images). When none fits, choose_step decides among the
+    scored ones; without a reference every checkpoint is scored.
 
     Args:
         lora: the attached LoRASet the checkpoints were taken from.
@@ -108,8 +112,9 @@ def calibrate(backend: Backend, lora: LoRASet, checkpoints: list[tuple[int, dict
                        "scored")  # fmt: skip
                 progress("calibrate", len(checkpoints), len(checkpoints), {})
                 return CalibrationResult(step, threshold, why, [rows[s] for s, _ in checkpoints if s in rows])
-            if row["erase"] < threshold:
+            if stop_unerased and row["erase"] < threshold:
                 break
+        progress("calibrate", len(checkpoints), len(checkpoints), {})  # the earlier ones are not scored
     else:
         for step, state in checkpoints:
             score(step, state)

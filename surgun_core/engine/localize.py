@@ -22,7 +22,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from ..cache import ImageCache, default_cache_dir
 from ..config import EraseConfig
 from ..errors import ConfigError
 from ..io import write_json
-from ..judges.probe import ProbeScores, ProbeSet, fits, judge_for, probe_set, score_probe
+from ..judges.probe import ProbeSet, Reference, fits, judge_for, probe_set, score_probe
 from ..judges.scorers import Scorer
 from ..registry import ATTENTION_KINDS
 from .saliency import choose_by_mass, gradient_shares
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 _UNET_LEVEL = re.compile(r"^(down_blocks|up_blocks|input_blocks|output_blocks)\.(\d+)\.|^(mid_block|middle_block)\.")
 _DIT_BLOCK = re.compile(r"^(transformer_blocks|double_blocks|single_blocks|joint_blocks)\.(\d+)\.")
 ALL_CROSS = "cross all levels"
-Reference = Callable[[ProbeSet], ProbeScores]  # the base model's scores on a probe set
 _SIDE = {"down_blocks": "down", "input_blocks": "down", "up_blocks": "up", "output_blocks": "up"}
 
 

@@ -25,10 +25,14 @@ PLACEHOLDER = "<adversary>"
 class Adversary:
     """The attacker of robust mode: learned token(s) that stand for the concept in its prompts."""
 
-    def __init__(self, backend: Backend, cfg: EraseConfig, images: ConceptImages) -> None:
+    def __init__(self, backend: Backend, cfg: EraseConfig, images: ConceptImages, tokens: dict | None = None) -> None:
+        """tokens: an earlier attacker's (Adversary.tokens), to go on from (surgun.erase's extension); else the
+        concept's own word."""
         self.backend, self.cfg, self.images = backend, cfg, images
-        word = backend.word_embedding(cfg.concepts[0]).float()  # (n, d): the concept's own word first
-        self.tokens = {PLACEHOLDER: word.mean(0, keepdim=True).repeat(cfg.robust_tokens, 1)}  # (k, d)
+        if tokens is None:
+            word = backend.word_embedding(cfg.concepts[0]).float()  # (n, d): the concept's own word first
+            tokens = {PLACEHOLDER: word.mean(0, keepdim=True).repeat(cfg.robust_tokens, 1)}  # (k, d)
+        self.tokens = tokens
         self.prompts = [self.stand_in(p) for p in images.prompts]
         self.losses: list[float] = []
 
@@ -38,14 +42,16 @@ class Adversary:
             prompt = prompt.replace(c, PLACEHOLDER)
         return prompt
 
-    def refresh(self, step: int) -> None:
-        """Every robust_every steps (and at step 0): robust_steps more Adam steps of the attacker."""
+    def refresh(self, step: int, first_step: int = 0) -> None:
+        """Every robust_every steps (and at step 0) of a run that goes on from `first_step`: robust_steps more Adam
+        steps of the attacker."""
         cfg = self.cfg
         if step % cfg.robust_every:
             return
         with self.backend.meter.phase("adversary"):
+            seed = cfg.seed + 7919 * (first_step + step + 1)
             learned = learn_tokens(self.backend, self.tokens, self.prompts, self.images.x0, cfg.robust_steps,
-                                   cfg.robust_lr, cfg.batch_size, cfg.seed + 7919 * (step + 1))  # fmt: skip
+                                   cfg.robust_lr, cfg.batch_size, seed)  # fmt: skip
         self.tokens = learned.tokens
         self.losses.append(learned.losses[-1])
 

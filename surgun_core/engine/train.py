@@ -50,6 +50,8 @@ class TrainResult:
     checkpoints: list[tuple[int, dict]] = field(default_factory=list)  # (step, LoRA state)
     steps_done: int = 0
     stopped: str | None = None  # why training ended early, if it did
+    adversary: dict | None = None  # robust mode: the attacker's last tokens (an extension goes on from them)
+    erased_at: int | None = None  # the checkpoint at which stop_at ended training (EraseConfig.stop_when_erased)
 
 
 def surgun_loss(cfg: EraseConfig, L_T, L_D, L_R):
@@ -74,6 +76,8 @@ def train_delta(
     grad_hook: Callable[[LoRASet], None] | None = None,
     init_state: dict | None = None,
     first_step: int = 0,
+    init_adversary: dict | None = None,
+    stop_at: Callable[[LoRASet], bool] | None = None,
 ) -> TrainResult:
     """The SurgUn training loop on the attention layers matching `pattern`. Leaves the LoRA attached.
 
@@ -84,7 +88,9 @@ def train_delta(
         grad_hook: called with the LoRA after each step's backward, before clipping (gradient localization).
         init_state, first_step: go on from a LoRA state (LoRASet.snapshot()) trained `first_step` steps already
             (surgun.erase's extension); steps are numbered from first_step + 1, with a fresh optimizer and
-            learning-rate schedule over cfg.steps more.
+            learning-rate schedule over cfg.steps more; init_adversary: robust mode's attacker goes on from those
+            tokens (TrainResult.adversary) rather than from the concept's word.
+        stop_at: asked at each checkpoint with the LoRA as it is; True ends training there (TrainResult.erased_at).
     """
     progress = progress or (lambda *a: None)
     cancel = cancel or (lambda: False)
@@ -124,7 +130,7 @@ def train_delta(
     if init_state is not None:
         lset.restore(init_state)
     params = list(lset.parameters())
-    adversary = Adversary(backend, cfg, X_T) if cfg.robust else None  # robust mode's attacker (robust.py)
+    adversary = Adversary(backend, cfg, X_T, init_adversary) if cfg.robust else None  # robust mode's attacker
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = None
     if cfg.lr_schedule == "cosine":  # to 0 at the last step: the run ends settled
@@ -143,7 +149,7 @@ def train_delta(
         for step in range(cfg.steps):
             _check(cancel)
             if adversary is not None:
-                adversary.refresh(step)
+                adversary.refresh(step, first_step)
             # target batch: target images with their own (target) prompts (robust: some under the adversary's)
             it = torch.randint(0, len(X_T.prompts), (B,), generator=g)
             x_T = X_T.x0[it].to(dev, backend.dtype)
@@ -160,7 +166,7 @@ def train_delta(
                 batch.x_D = X_D.x0[idd].to(dev, backend.dtype)
                 batch.noise_D = torch.randn(batch.x_D.shape, generator=g).to(batch.x_D)
             if cfg.use_retain:
-                ir = torch.randint(0, len(X_R.prompts), (min(cfg.retain_batch_size or B, B),), generator=g)
+                ir = torch.randint(0, len(X_R.prompts), (cfg.retain_rows,), generator=g)
                 batch.x_R = X_R.x0[ir].to(dev, backend.dtype)
                 batch.c_R = bank.batch([X_R.prompts[i] for i in ir])
                 batch.noise_R = torch.randn(batch.x_R.shape, generator=g).to(batch.x_R)
@@ -188,12 +194,17 @@ def train_delta(
             result.history.append({"step": result.steps_done, **stats})
             if checkpoint_every and (step + 1) % checkpoint_every == 0:
                 result.checkpoints.append((result.steps_done, good))
+                if stop_at is not None and stop_at(lset):
+                    result.erased_at = result.steps_done
+                    progress("train", cfg.steps, cfg.steps, stats)  # done: the steps left are not needed
+                    break
             progress("train", step + 1, cfg.steps, stats)
     except BaseException:
         lset.detach()  # cancelled or failed: the model is left as it was
         raise
     finally:
         stack.close()
+    result.adversary = adversary.tokens if adversary is not None else None
     if checkpoint_every and (not result.checkpoints or result.checkpoints[-1][0] != result.steps_done):
         result.checkpoints.append((result.steps_done, lset.snapshot()))
     return result

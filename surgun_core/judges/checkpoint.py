@@ -12,19 +12,19 @@ erased model's verdict on base images cannot see), by the base model as before.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..backends.base import Backend
 from ..config import EraseConfig
 from ..lora import LoRASet
-from .probe import PROBE_SEED, ProbeScores, ProbeSet, probe_set, score_probe
+from .probe import PROBE_SEED, ProbeScores, ProbeSet, Reference, probe_set, score_probe
 from .scorers import DiffusionScorer, Scorer
 
 Measure = Callable[[LoRASet], ProbeScores]  # scores the model as it is now (the checkpoint's LoRA on)
-Reference = Callable[[ProbeSet], ProbeScores]  # the base model's scores on a probe set (probe.reference_scores)
 
 
 @dataclass
@@ -54,16 +54,33 @@ class SelfMeasure:
     templates: list[str]  # each image's prompt template ("{}": the concept): every label is scored inside it
     judge: DiffusionScorer  # run on the erased model (LoRA on)
 
+    seen: dict = field(default_factory=dict)  # verdicts by LoRA state: a checkpoint judged while training is not again
+
     def __call__(self, lora: LoRASet) -> ProbeScores:
         kept = self.retain(lora)
-        with self.retain.backend.meter.phase("self-judging"):  # the erased model judges: its LoRA stays on
-            named = self.judge.predict(self.images, self.retain.probe.labels, self.templates)
-        per = dict(kept.per_concept)
-        for c in dict.fromkeys(self.owners):
-            mine = [n for n, o in zip(named, self.owners) if o == c]
-            per[c] = sum(n != c for n in mine) / len(mine)
-        erase = sum(per[c] for c in self.retain.probe.erased) / len(self.retain.probe.erased)
-        return ProbeScores(erase, kept.retain, per, kept.x0, kept.judged, kept.reused)
+        erase, per = self.verdict(lora)
+        return ProbeScores(erase, kept.retain, {**kept.per_concept, **per}, kept.x0, kept.judged, kept.reused)
+
+    def verdict(self, lora: LoRASet) -> tuple[float, dict[str, float]]:
+        """The erase score and each erased concept's share, as the model with `lora` on judges the held-out images."""
+        digest = hashlib.sha256()
+        for p in lora.parameters():
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+        key = digest.hexdigest()  # the LoRA's state: its checkpoint
+        if key not in self.seen:
+            with self.retain.backend.meter.phase("self-judging"):  # the erased model judges: its LoRA stays on
+                named = self.judge.predict(self.images, self.retain.probe.labels, self.templates)
+            per = {}
+            for c in dict.fromkeys(self.owners):
+                mine = [n for n, o in zip(named, self.owners) if o == c]
+                per[c] = sum(n != c for n in mine) / len(mine)
+            self.seen[key] = (sum(per.values()) / len(per), per)
+        return self.seen[key]
+
+
+def calibration_probe(cfg: EraseConfig) -> ProbeSet:
+    """The probe set calibration draws: "probe" every probe concept's rows, "self" the retained concepts' only."""
+    return probe_set(cfg, erased_rows=cfg.calibrate_signal == "probe")
 
 
 def checkpoint_measure(backend: Backend, cfg: EraseConfig, scorer: Scorer,
@@ -73,12 +90,10 @@ def checkpoint_measure(backend: Backend, cfg: EraseConfig, scorer: Scorer,
     Call it before the LoRA is attached: the reference and the held-out images are the base model's.
     """
     kwargs = dict(steps=cfg.probe_steps, guidance=cfg.guidance, batch_size=cfg.sample_batch_size)
-    if cfg.calibrate_signal == "probe":
-        probe = probe_set(cfg)
-        base = reference(probe)
-        return ProbeMeasure(backend, scorer, probe, reference=base, **kwargs), base
-    probe = probe_set(cfg, erased_rows=False)
+    probe = calibration_probe(cfg)
     base = reference(probe)
+    if cfg.calibrate_signal == "probe":
+        return ProbeMeasure(backend, scorer, probe, reference=base, **kwargs), base
     templates = probe.templates
     rows = [(c, templates[i % len(templates)], PROBE_SEED + i // len(templates))
             for c in probe.erased for i in range(cfg.self_judge_images)]  # fmt: skip

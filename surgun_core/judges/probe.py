@@ -99,6 +99,9 @@ class ProbeScores:
         return {"erase": self.erase, "retain": self.retain, "h": self.h, "per_concept": self.per_concept}
 
 
+Reference = Callable[[ProbeSet], ProbeScores]  # the base model's scores on a probe set (reference_scores)
+
+
 def score_probe(backend: Backend, scorer: Scorer, probe: ProbeSet, steps: int = 20, guidance: float | None = None,
                 x0: torch.Tensor | None = None, judge: Judge | None = None, batch_size: int = 64,
                 reuse: ProbeScores | None = None) -> ProbeScores:  # fmt: skip
@@ -155,7 +158,7 @@ def fits(erase: float, retain: float, threshold: float, base_retain: float, tole
 
 
 def reference_scores(backend: Backend, scorer: Scorer, steps: int = 20, guidance: float | None = None,
-                     batch_size: int = 64) -> Callable[[ProbeSet], ProbeScores]:  # fmt: skip
+                     batch_size: int = 64) -> Reference:  # fmt: skip
     """The base model's own scores on a probe set, computed once per probe set (cost meter phase "reference").
 
     What "retain fell" is measured against: the judge misreads some base images too, so an erased model is
