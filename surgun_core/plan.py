@@ -82,6 +82,7 @@ class Plan:
     memory: MemoryEstimate | None = None
     memory_note: str = ""  # why there is no memory estimate, if there is none
     seconds_per_forward: dict[str, float] | None = None  # "training", "inference"
+    extremes: str = ""  # when an erase costs the fewest and when the most
 
     @property
     def forwards(self) -> int:
@@ -136,6 +137,7 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
     plan = Plan(count_forwards(backend, cfg, scorer), fewest, backend.architecture, cfg.recipe or "(none)",
                 str(backend.device), str(backend.dtype).removeprefix("torch."), groups, ckpts,
                 _assumptions(cfg))  # fmt: skip
+    plan.extremes = _extremes(cfg, first_fit)
     if memory:
         try:
             rows = largest_no_grad_batch(backend, cfg, scorer)
@@ -148,9 +150,24 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
     return plan
 
 
+def _extremes(cfg: EraseConfig, first_fit: bool) -> str:
+    """When the erase costs the fewest forwards and when the most, in words."""
+    stop = cfg.stops_when_erased
+    where = "the first checkpoint erases (training stops there)" if stop else "the last checkpoint erases"
+    if first_fit:
+        return (f"fewest: when the judge keeps the widest block group: {where} with no retain fall; the most: when "
+                "it lets it go and every other group runs")  # fmt: skip
+    if not cfg.calibrate:
+        return ""
+    more = f", {cfg.extend_steps} more," if cfg.extend_steps else ""
+    return (f"fewest: when {where} with no retain fall, measured alone; the most: when no checkpoint erases: every "
+            f"step runs{more} and the last run's checkpoints are all measured")  # fmt: skip
+
+
 def _assumptions(cfg: EraseConfig) -> list[str]:
-    out = ["empty caches: no training image and no localization cached yet (cached ones cost nothing)",
-           f"every training step runs ({cfg.steps}; a non-finite loss would end training early)"]  # fmt: skip
+    out = ["empty caches: no training image and no localization cached yet (cached ones cost nothing)"]
+    if not cfg.stops_when_erased:  # else it stops at the first checkpoint the erased model reads as erased
+        out.append(f"every training step runs ({cfg.steps}; a non-finite loss would end training early)")
     if cfg.extend_steps and cfg.calibrate:
         out.append(f"the most: no checkpoint erases, so {cfg.extend_steps} steps more are trained and calibrated")
     if cfg.scorer != "diffusion":
@@ -333,9 +350,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"localization: {plan.candidate_groups} candidate block groups")
     if plan.checkpoints:
         lines.append(f"calibration: {plan.checkpoints} checkpoints")
-    if few:
-        lines.append("fewest: when the judge keeps the widest block group on its last checkpoint (it erases "
-                     "without a retain fall); the most: when it lets it go and every other group runs")  # fmt: skip
+    if few and plan.extremes:
+        lines.append(plan.extremes)
     m = plan.memory
     if m is not None:
         lines.append(f"estimated peak memory: {m.peak_mb:,.0f} MB (training step {m.training_peak_mb:,.0f} MB "
