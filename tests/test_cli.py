@@ -1,11 +1,12 @@
 """The `surgun` command: real runs on the toy model folder, and bad inputs with clear errors."""
 
 import json
+import re
 
 import pytest
 
 from surgun_core.cli import main
-from surgun_core.lora import LoraDelta
+from surgun_core.lora import LoraDelta, read_safetensors
 from surgun_core.toyworld import load_toy_backend
 from surgun_core.toyworld.paths import MODEL_DIR
 
@@ -71,3 +72,17 @@ def test_demo_rejects_unknown_concept(tmp_path, capsys):
     code, _, err = run(capsys, "demo", "--concept", "zebra", "--out", tmp_path / "o")
     assert code == 2 and "circle" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_erase_says_where_training_stopped_once_erased(tmp_path, capsys):
+    # the toy recipe (stop_when_erased, a checkpoint every 12 steps) on a colour it erases early (red: step 36)
+    out = tmp_path / "red.safetensors"
+    code, stdout, err = run(capsys, "erase", "--model", "toy", "--concept", "red", "--out", out)
+    assert code == 0, err
+    m = re.search(r"note: training stopped at step (\d+), the first checkpoint the erased model read as erased "
+                  r"\(stop_when_erased\); step (\d+) ships", stdout)  # fmt: skip
+    assert m, stdout
+    stopped = int(m[1])
+    assert stopped % 12 == 0 and stopped < 120 and int(m[2]) <= stopped
+    meta = read_safetensors(out)[1]
+    assert meta["surgun.steps"] == str(stopped) and meta["surgun.step_chosen"] == m[2]

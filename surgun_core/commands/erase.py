@@ -59,4 +59,7 @@ def run(a) -> int:
           f"{result.forwards:,} sample-forwards, recipe {cfg.recipe}")  # fmt: skip
     if result.stopped:
         print(f"note: {result.stopped}")
+    elif result.erased_at is not None:
+        print(f"note: training stopped at step {result.erased_at}, the first checkpoint the erased model read as "
+              f"erased (stop_when_erased); step {result.delta.metadata['surgun.step_chosen']} ships")  # fmt: skip
     return 0
