@@ -148,6 +148,9 @@ def train_report(result) -> str:
         lines += [f"  step {r['step']:>5}  erase {r['erase']:.2f}  retain {r['retain']:.2f}" for r in cal.curve]
     if result.stopped:
         lines.append(f"note: {result.stopped}")
+    elif result.erased_at is not None:
+        lines.append(f"note: training stopped at step {result.erased_at}, the first checkpoint the erased model read "
+                     "as erased (stop_when_erased)")  # fmt: skip
     return "\n".join(lines)
 
 

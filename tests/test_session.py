@@ -78,7 +78,8 @@ def test_erase_saves_the_lora_and_probe_shows_before_and_after(host, tmp_path):
     assert out.lora_path == tmp_path / "Lora" / "surgun-circle.safetensors" and out.lora_path.is_file()
     assert out.snippet == "<lora:surgun-circle:1>"
     assert {"before", "images", "train", "after"} <= set(phases)
-    assert set(out.scores) >= {"erase", "retain", "h", "steps", "seconds"} and out.scores["steps"] == 8
+    assert set(out.scores) >= {"erase", "retain", "h", "steps", "seconds", "erased_at"} and out.scores["steps"] == 8
+    assert out.scores["erased_at"] is None  # without calibration training never stops once erased
     assert 0.0 <= out.scores["erase"] <= 1.0 and 0.0 <= out.scores["retain"] <= 1.0
     # before/after pairs, erased concept first; images scaled up for display
     assert len(out.gallery) == 2 * 5 and out.gallery[0][1].startswith("before: ") and "circle" in out.gallery[0][1]

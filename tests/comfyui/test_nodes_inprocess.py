@@ -75,3 +75,16 @@ def test_train_node_defaults_are_the_recipe_of_every_front_end(pack, demo):
     assert {k: v for k, v in cfg.to_dict().items() if k != "extra"} == {
         k: v for k, v in want.to_dict().items() if k != "extra"
     }
+
+
+def test_train_report_says_where_training_stopped_once_erased(pack):
+    from surgun_core.cache import ImageCache
+    from surgun_core.demo import toy_config
+    from surgun_core.surgun import erase
+    from surgun_core.toyworld import load_toy_backend
+
+    result = erase(load_toy_backend(), toy_config("red"), cache=ImageCache(None))  # the toy recipe stops once erased
+    result.lora.detach()
+    assert result.erased_at is not None and result.erased_at < 120
+    report = pack("nodes.train_node").train_report(result)
+    assert f"note: training stopped at step {result.erased_at}, the first checkpoint the erased model read" in report
