@@ -102,7 +102,8 @@ class EraseConfig:
     # and training stops at the first checkpoint that erases (erase_threshold); calibration then checks retain
     # there (an earlier one does not erase). Toy world (a checkpoint every 12 of 120 steps, ground truth): the first
     # erasing checkpoint came at step 24-60 and scored H within 0.013 of step 120's (square 0.987 vs 0.978, circle
-    # 0.970 vs 0.983); retain falls later in training (ring IRA 0.96 at 48, 0.85 at 60)
+    # 0.970 vs 0.983); retain falls later in training (ring IRA 0.96 at 48, 0.85 at 60). Its price: a shallower plain
+    # erasure (full benchmark: prefix-attack recovery 0.120 against 0.015 with every step; blue 0.80 at step 48)
     stop_when_erased: bool = False
     self_judge_images: int = 16  # held-out base images of each erased concept ("self"), drawn once per erase
     self_judge_timesteps: int = 4  # timesteps of the erased model's own diffusion classifier ("self")
