@@ -146,11 +146,7 @@ def train_report(result) -> str:
         cal = result.calibration
         lines.append(f"calibration: shipped step {cal.chosen_step}: {cal.reason}")
         lines += [f"  step {r['step']:>5}  erase {r['erase']:.2f}  retain {r['retain']:.2f}" for r in cal.curve]
-    if result.stopped:
-        lines.append(f"note: {result.stopped}")
-    elif result.erased_at is not None:
-        lines.append(f"note: training stopped at step {result.erased_at}, the first checkpoint the erased model read "
-                     "as erased (stop_when_erased)")  # fmt: skip
+    lines += result.notes()
     return "\n".join(lines)
 
 

@@ -105,6 +105,9 @@ class EraseConfig:
     # 0.970 vs 0.983); retain falls later in training (ring IRA 0.96 at 48, 0.85 at 60). Its price: a shallower plain
     # erasure (full benchmark: prefix-attack recovery 0.120 against 0.015 with every step; blue 0.80 at step 48)
     stop_when_erased: bool = False
+    # stop_when_erased: the first training step at which the verdict is taken (earlier checkpoints are kept, not judged
+    # while training). Toy world: no concept's verdict read erased at step 12 (ground truth UA 0.00-0.85 there)
+    stop_check_from: int = 0
     self_judge_images: int = 16  # held-out base images of each erased concept ("self"), drawn once per erase
     self_judge_timesteps: int = 4  # timesteps of the erased model's own diffusion classifier ("self")
     erase_threshold: float = 0.9  # probe erase score a block group / checkpoint must reach
@@ -192,7 +195,7 @@ class EraseConfig:
         v = self.probe_sample_steps
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ConfigError("probe_sample_steps", f"must be a whole number >= 1 or None, got {v!r}")
-        for name in ("checkpoint_every", "extend_steps"):
+        for name in ("checkpoint_every", "extend_steps", "stop_check_from"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(name, f"must be a whole number >= 0, {_got(v)}")
@@ -252,6 +255,12 @@ class EraseConfig:
     def stops_when_erased(self) -> bool:
         """Whether training stops at the first erasing checkpoint: stop_when_erased, calibrating on "self" only."""
         return bool(self.stop_when_erased and self.calibrate and self.calibrate_signal == "self")
+
+    @property
+    def scan_stops_unerased(self) -> bool:
+        """Whether calibration's latest-first scan stops at the first checkpoint that does not erase: with the
+        erased model's own verdict ("self": fixed images, so an earlier checkpoint erases less) only."""
+        return self.calibrate_signal == "self"
 
     @property
     def retain_rows(self) -> int:

@@ -19,8 +19,9 @@ config and the model alone, phase for phase, in the meter's own phase names:
   calibration/self-judging       "self": per scored checkpoint, the erased model classifies the held-out images
                                  (self_judge_images per concept, drawn once under reference/probe images) over
                                  the probe labels at self_judge_timesteps
-  training/self-judging          the same at every checkpoint while training, with stop_when_erased (training
-                                 stops at the first that erases; calibration reads those verdicts again)
+  training/self-judging          the same at every checkpoint while training from stop_check_from on, with
+                                 stop_when_erased (training stops at the first that erases; calibration reads
+                                 those verdicts again)
 What the judge sees decides part of the work (surgun.erase): calibration measures checkpoints latest first and
 stops at the first that fits or does not erase (so a run that is extended had one measured: its last). With
 blocks="auto" and localize_first_fit the widest group (every level's cross-attention K/V) gets a full run first
@@ -130,7 +131,8 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
     first_fit = auto and cfg.localize_first_fit  # fewest: the widest group kept, its last checkpoint fits
     probe = calibration_probe(cfg)  # fewest: every retained probe image unchanged: the judge reuses the base's label
     unchanged = len(probe.rows()) - len([r for r in probe.rows() if r[1] in probe.erased])
-    early = [min(cfg.steps, cfg.checkpoint_interval)] if cfg.stops_when_erased else None  # its first checkpoint erases
+    every = cfg.checkpoint_interval  # fewest with stop_when_erased: the first checkpoint judged erases
+    early = [min(cfg.steps, max(every, -(-cfg.stop_check_from // every) * every))] if cfg.stops_when_erased else None
     fewest = count_forwards(backend, cfg, scorer, full_runs=[1 if first_fit else min(1, ckpts)],
                             groups_run=0 if first_fit else None,
                             reused=unchanged if ckpts or first_fit else 0, extended=0, trained=early)  # fmt: skip
@@ -205,7 +207,7 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
     if full_runs is None:  # first fit: the widest group's run scored in full (or its last step), then another
         full_runs = [ckpts or 1, ckpts] if first_fit else [ckpts]
         if extended:  # no checkpoint erased: "self" stopped at the last one ("probe" scored all), then the extension's
-            full_runs[-1] = (1 if cfg.calibrate_signal == "self" else ckpts) + n_checkpoints(cfg, extended)
+            full_runs[-1] = (1 if cfg.scan_stops_unerased else ckpts) + n_checkpoints(cfg, extended)
     if groups_run is None:
         groups_run = (1 if gradient else len(candidate_groups(backend, cfg.localize_attention)) - first_fit) * auto
     rows = 1 if cfg.guidance == 1.0 else 2  # rows per image per sampler step
@@ -245,7 +247,7 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
     add("calibration/judging", -judge(reused, labels))
     self_judged = n_self * cfg.self_judge_timesteps * labels  # one checkpoint's verdict
     if cfg.stops_when_erased:  # every checkpoint judged while training; calibration reads those verdicts again
-        judged = sum(n_checkpoints(cfg, s) for s in trained) + (n_checkpoints(cfg, extended) if extended else 0)
+        judged = sum(_judged(cfg, s) for s in trained) + _judged(cfg, extended, first=cfg.steps)
         add("training/self-judging", judged * self_judged)
     else:
         add("calibration/self-judging", sum(full_runs) * self_judged)
@@ -297,6 +299,14 @@ def n_checkpoints(cfg: EraseConfig, steps: int | None = None) -> int:
         return 0
     every, steps = cfg.checkpoint_interval, cfg.steps if steps is None else steps
     return steps // every + (1 if steps % every else 0)
+
+
+def _judged(cfg: EraseConfig, steps: int, first: int = 0) -> int:
+    """Checkpoints the erased model judges while training `steps` steps after the first `first` (stop_when_erased):
+    every checkpoint_interval steps of the run, numbered from first + 1, that reach stop_check_from (a last step
+    that is not one of them is not judged while training)."""
+    every = cfg.checkpoint_interval
+    return max(0, steps // every - max(0, cfg.stop_check_from - first - 1) // every)
 
 
 def _judge(backend: Backend, cfg: EraseConfig, scorer: Scorer | None) -> Scorer | None:

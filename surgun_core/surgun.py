@@ -21,7 +21,7 @@ from .config import EraseConfig
 from .engine.calibrate import CalibrationResult, calibrate
 from .engine.localize import LocalizeResult, localize, widest_group
 from .engine.train import Cancel, Progress, train_delta
-from .judges.checkpoint import Measure, SelfMeasure, checkpoint_measure
+from .judges.checkpoint import Measure, checkpoint_measure
 from .judges.probe import ProbeScores, fits, judge_for, needs_judge, probe_set, reference_scores
 from .judges.scorers import Scorer
 from .lora import LoraDelta, LoRASet
@@ -54,6 +54,16 @@ class EraseResult:
     def forwards(self) -> int:
         """Denoiser sample-forwards of the whole erase (a backward counts as 2)."""
         return total(self.forwards_by_phase)
+
+    def notes(self) -> list[str]:
+        """What a report says about where training ended: stopped early, or stopped once erased."""
+        if self.stopped:
+            return [f"note: {self.stopped}"]
+        if self.erased_at is not None:
+            ship = self.delta.metadata.get("surgun.step_chosen") if self.delta else None
+            return [f"note: training stopped at step {self.erased_at}, the first checkpoint the erased model read as "
+                    f"erased (stop_when_erased)" + (f"; step {ship} ships" if ship is not None else "")]  # fmt: skip
+        return []
 
 
 def erase(
@@ -150,16 +160,15 @@ class _Runner:
 
     def _stop_at(self):
         """stop_when_erased: the erased model's own verdict at each checkpoint (kept: calibration reads it again)."""
-        if not (self.cfg.stops_when_erased and isinstance(self.measure, SelfMeasure)):
+        if not (self.cfg.stops_when_erased and self.measure is not None):  # "self": the measure is a SelfMeasure
             return None
         return lambda lora: self.measure.verdict(lora)[0] >= self.cfg.erase_threshold
 
     def _calibrate(self, lora: LoRASet, checkpoints: list[tuple[int, dict]]) -> CalibrationResult:
         cfg = self.cfg
         try:
-            monotone = cfg.calibrate_signal == "self"  # fixed images: an earlier checkpoint erases less
             return calibrate(self.backend, lora, checkpoints, self.measure, cfg.erase_threshold, cfg.retain_tolerance,
-                             self.base, self.progress, self.cancel, stop_unerased=monotone)  # fmt: skip
+                             self.base, self.progress, self.cancel, stop_unerased=cfg.scan_stops_unerased)  # fmt: skip
         except BaseException:
             lora.detach()  # cancelled or failed: the model is left as it was
             raise
@@ -169,8 +178,9 @@ class _Runner:
         mode's attacker goes on from its last tokens (restarted from the word, it let the extension settle where
         inversion still found the concept: toy yellow, recovery 0.275)."""
         cfg, best = self.cfg, max(r["erase"] for r in first.calibration.curve)
-        log.info("no checkpoint of %d steps erased (best probe erase %.2f < %g): training %d steps more",
-                 first.steps_done, best, cfg.erase_threshold, cfg.extend_steps)  # fmt: skip
+        signal = _SIGNAL[cfg.calibrate_signal]
+        log.info("no checkpoint of %d steps erased (best erase %.2f < %g, %s): training %d steps more",
+                 first.steps_done, best, cfg.erase_threshold, signal, cfg.extend_steps)  # fmt: skip
         last = first.checkpoints[-1][1]
         first.lora.detach()
         more = replace(cfg, steps=cfg.extend_steps, extend_steps=0)
@@ -179,11 +189,14 @@ class _Runner:
                         stop_at=self._stop_at())  # fmt: skip
         cal = self._calibrate(t.lora, t.checkpoints)
         cal.reason = (f"trained {cfg.extend_steps} steps more (no checkpoint of the first {first.steps_done} erased: "
-                      f"best probe erase {best:.2f}); {cal.reason}")  # fmt: skip
+                      f"best erase {best:.2f}, {signal}); {cal.reason}")  # fmt: skip
         cal.curve = first.calibration.curve + cal.curve
         return EraseResult(t.lora, history=first.history + t.history, checkpoints=first.checkpoints + t.checkpoints,
                            steps_done=t.steps_done, stopped=t.stopped, calibration=cal, erased_at=t.erased_at,
                            extended_steps=t.steps_done - first.steps_done)  # fmt: skip
+
+
+_SIGNAL = {"self": "the erased model's own verdict", "probe": "judged probe images"}  # calibrate_signal, in words
 
 
 def _none_erased(cal: CalibrationResult) -> bool:

@@ -1,6 +1,7 @@
 """`surgun bench`: the JSON has every method and key; bad method and concept names are refused."""
 
 import json
+import platform
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ def test_bench_reuses_finished_runs_and_redoes_stale_ones(tmp_path):
     first = run_bench(["circle"], methods, seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4)
     assert not any(r["reused"] for m in methods for r in first["per_concept"][m].values())
     record = tmp_path / "runs" / "circle" / "uce.json"
+    # each record says where it ran: the same code gave another robust LoRA in another session (benchmark/run.machine)
+    assert json.loads(record.read_text())["machine"].startswith(f"{platform.machine()} (")
     again = run_bench(["circle"], methods, seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4)
     assert all(r["reused"] for m in methods for r in again["per_concept"][m].values())
     assert again["methods"] == first["methods"]  # the same figures, nothing rerun

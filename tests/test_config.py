@@ -53,6 +53,7 @@ def test_concept_as_its_own_distractor():
         ("checkpoint_every", -5, ">= 0"),
         ("extend_steps", -1, ">= 0"),
         ("extend_steps", 2.5, ">= 0"),
+        ("stop_check_from", -1, ">= 0"),
         ("scorer", "dino", "diffusion, toy, clip"),
         ("localize_attention", "everything", "cross, self, all"),
         ("erase_threshold", 1.5, "(0, 1]"),

@@ -62,12 +62,14 @@ CASES = {
     ),
     # too weak to erase: no checkpoint reaches the threshold, so 4 steps more are trained and calibrated
     "not erased: extended": dict(blocks="cross-attn-kv", lr=1e-7, extend_steps=4),
-    # training stops at the first checkpoint the erased model's own verdict reads as erased
+    # training stops at the first checkpoint the erased model's own verdict reads as erased (judged from step 4 on)
     "stop when erased": dict(steps=10, localize_steps=10, lr=3e-2, batch_size=4, images_per_concept=4,
-                             sample_steps=6, probe_sample_steps=6, stop_when_erased=True, checkpoint_every=2),
+                             sample_steps=6, probe_sample_steps=6, stop_when_erased=True, checkpoint_every=2,
+                             stop_check_from=4),
     "stop when erased, ranked, not erased: extended": dict(localize_first_fit=False, localize_method="gradient",
                                                           localize_batches=2, lr=1e-7, extend_steps=4,
-                                                          stop_when_erased=True, checkpoint_every=2),
+                                                          stop_when_erased=True, checkpoint_every=2,
+                                                          stop_check_from=3),
     "ascent only, toy judge, every group of all attention kinds": dict(
         use_ascent=True, use_distractors=False, use_contrast=False, use_retain=False, scorer="toy",
         localize_attention="all", localize_first_fit=False, calibrate=False,
@@ -107,6 +109,7 @@ def test_plan_counts_equal_what_erase_meters(toy_backend, case):
     if cfg.stop_when_erased:  # every checkpoint judged while training, up to the first the model reads as erased
         if result.erased_at is not None:
             assert result.erased_at == result.steps_done and result.steps_done % cfg.checkpoint_every == 0
+            assert result.erased_at >= cfg.stop_check_from
         assert "training/self-judging" in result.forwards_by_phase
         assert "calibration/self-judging" not in result.forwards_by_phase  # the verdicts are read again
     if not cfg.calibrate and not (result.localization and cfg.localize_first_fit):  # nothing left to the judge

@@ -94,3 +94,19 @@ def test_training_stops_at_the_first_checkpoint_stop_at_accepts():
     assert len(res.history) == 6 and res.stopped is None
     for (_, kept), seen in zip(res.checkpoints, asked):  # asked with the LoRA of the checkpoint it just kept
         assert all(torch.equal(kept[k], seen[k]) for k in kept)
+
+
+def test_the_verdict_is_not_asked_before_stop_check_from():
+    backend = tiny_backend("sd1")
+    cfg = EraseConfig(concepts=["cat"], distractors=["dog"], templates=["a {}"], steps=8, lr=1e-2, batch_size=2,
+                      images_per_concept=2, sample_steps=2, stop_check_from=4)  # fmt: skip
+    asked = []
+
+    def stop_at(lset):  # "erased" whenever asked: training stops at the first checkpoint from step 4 on
+        asked.append(True)
+        return True
+
+    res = train_delta(backend, cfg, r"attn2\.(to_k|to_v)$", cache=ImageCache(None), checkpoint_every=2,
+                      stop_at=stop_at)  # fmt: skip
+    res.lora.detach()
+    assert res.erased_at == res.steps_done == 4 and [s for s, _ in res.checkpoints] == [2, 4] and len(asked) == 1

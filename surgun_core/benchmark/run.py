@@ -129,7 +129,7 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
                 log.info("bench: %s on %r (%d/%d)", m, concept, n, len(concepts) * len(methods))
                 rec = _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, progress, overrides,
                            attacks)  # fmt: skip
-                write_json(path, {"key": key, "signature": sig, **rec})
+                write_json(path, {"key": key, "signature": sig, "machine": machine(backend), **rec})
             else:
                 log.info("bench: %s on %r reused from %s", m, concept, path)
             if rec["agreement"] is not None:
@@ -158,7 +158,7 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
         "diffusion_classifier_agreement": sum(a[0] * a[1] for a in agree) / max(1, n_agree),
         "diffusion_classifier_images": n_agree,
         "seconds_total": time.time() - t0,
-        "machine": f"{platform.machine()}, device {backend.device}, {threads}",
+        "machine": f"{machine(backend)}, {threads}",
     }
     write_json(Path(json_path) if json_path else out / "bench.json", report)
     with atomic_path(out / "bench.md") as tmp:
@@ -183,6 +183,19 @@ def _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, pr
     cal = run.calibration.to_dict() if run.calibration is not None else None
     return {"metrics": metrics, "forwards_by_phase": forwards, "settings": run.settings, "calibration": cal,
             "agreement": agreement}  # fmt: skip
+
+
+def machine(backend) -> str:
+    """Where a run ran, kept in each record. The same code and seeds trained another LoRA in another session: toy
+    ring in robust mode, recorded at drift 0.0137 and inversion recovery 0.075; that code rerun two releases
+    later gave the later record's LoRA (drift 0.0173 to the last digit, recovery 0.250). The suspect, which this
+    field lets the next such difference confirm or rule out: CPU kernels that round differently, amplified by 200
+    adversarial steps."""
+    if torch.device(backend.device).type == "cuda":
+        kernels = torch.cuda.get_device_name()
+    else:  # torch >= 2.3 names the CPU kernels it picked (AVX2, AVX512, ...)
+        kernels = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "CPU kernels unknown")()
+    return f"{platform.machine()} ({kernels}), device {backend.device}, torch {torch.__version__}"
 
 
 def _record_key(signature: dict, backend, rows, sample_steps: int) -> str:

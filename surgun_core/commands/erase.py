@@ -57,9 +57,6 @@ def run(a) -> int:
     written = result.delta.write(out)  # a late failure (disk full) is one line: io.WriteError
     print(f"{wrote(written)}: {len(result.delta.weights)} layers, {result.steps_done} steps, {result.seconds:.1f} s, "
           f"{result.forwards:,} sample-forwards, recipe {cfg.recipe}")  # fmt: skip
-    if result.stopped:
-        print(f"note: {result.stopped}")
-    elif result.erased_at is not None:
-        print(f"note: training stopped at step {result.erased_at}, the first checkpoint the erased model read as "
-              f"erased (stop_when_erased); step {result.delta.metadata['surgun.step_chosen']} ships")  # fmt: skip
+    for line in result.notes():
+        print(line)
     return 0

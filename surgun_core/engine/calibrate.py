@@ -1,19 +1,20 @@
 """Checkpoint calibration (DESIGN.md section 1): which training step to ship.
 
-The LoRA is kept every N steps; each checkpoint is measured for erase and retain (judges/checkpoint.py: by
-default the erased model's own verdict on held-out images of the concept, and the judged probe images of the
-retained concepts), latest first: the latest that erases with no retain fall against the base model ships (bench
-ablation: on the toy world the last step scored H >= the calibrated one on every concept, and the earlier rule
-shipped step 80 of 200 on four concepts, costing retention on two; but some concepts let retain fall late:
-erasing "ring", the ground truth's retain went 1.00, 0.85, 0.74 at steps 40, 60, 120, triangles drawn as rings).
-The scan stops at the first checkpoint that does not erase. When none fits, among the scored checkpoints that
-reach the erase threshold, those whose retain is within a tolerance of the best retain tie; of these the one
-that erases most is chosen, and of equals the latest. If none reaches the threshold, the best harmonic mean. Why
-the latest of equals (DESIGN.md said the earliest): probe scores saturate, and a checkpoint that first reaches
-1.0 is on the edge; on the toy world ("red", ground-truth judge, 20 images) the earliest saturated step
-still let 5% through where the later ones, scored the same on the probe, let none. The tolerance (a probe
-image or two) keeps a retain difference that is noise from deciding. The whole curve is returned, stored
-in the delta's metadata and drawn as a PNG (charts.plot_curve), so a user can see why that step was chosen.
+The LoRA is kept every N steps; each checkpoint is measured for erase and retain (judges/checkpoint.py: by default
+the erased model's own verdict on held-out images of the concept, and the judged probe images of the retained
+concepts), latest first: the latest that erases with no retain fall against the base model ships (bench ablation: on
+the toy world the last step scored H >= the calibrated one on every concept, and the earlier rule shipped step 80 of
+200 on four concepts, costing retention on two; but some concepts let retain fall late: erasing "ring", the ground
+truth's retain went 1.00, 0.85, 0.74 at steps 40, 60, 120, triangles drawn as rings). With the erased model's own
+verdict (fixed images: an earlier checkpoint erases less) the scan stops at the first checkpoint that does not erase
+(`stop_unerased`); judged probe images scan every checkpoint. When none fits, among the scored checkpoints that
+reach the erase threshold, those whose retain is within a tolerance of the best retain tie; of these the one that
+erases most is chosen, and of equals the latest. If none reaches the threshold, the best harmonic mean. Why the
+latest of equals (DESIGN.md said the earliest): probe scores saturate, and a checkpoint that first reaches 1.0 is on
+the edge; on the toy world ("red", ground-truth judge, 20 images) the earliest saturated step still let 5% through
+where the later ones, scored the same on the probe, let none. The tolerance (a probe image or two) keeps a retain
+difference that is noise from deciding. The whole curve is returned, stored in the delta's metadata and drawn as a
+PNG (charts.plot_curve), so a user can see why that step was chosen.
 """
 
 from __future__ import annotations

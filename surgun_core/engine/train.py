@@ -194,7 +194,7 @@ def train_delta(
             result.history.append({"step": result.steps_done, **stats})
             if checkpoint_every and (step + 1) % checkpoint_every == 0:
                 result.checkpoints.append((result.steps_done, good))
-                if stop_at is not None and stop_at(lset):
+                if stop_at is not None and result.steps_done >= cfg.stop_check_from and stop_at(lset):
                     result.erased_at = result.steps_done
                     progress("train", cfg.steps, cfg.steps, stats)  # done: the steps left are not needed
                     break
