@@ -131,8 +131,7 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
     first_fit = auto and cfg.localize_first_fit  # fewest: the widest group kept, its last checkpoint fits
     probe = calibration_probe(cfg)  # fewest: every retained probe image unchanged: the judge reuses the base's label
     unchanged = len(probe.rows()) - len([r for r in probe.rows() if r[1] in probe.erased])
-    every = cfg.checkpoint_interval  # fewest with stop_when_erased: the first checkpoint judged erases
-    early = [min(cfg.steps, max(every, -(-cfg.stop_check_from // every) * every))] if cfg.stops_when_erased else None
+    early = [_first_judged(cfg)] if cfg.stops_when_erased else None  # fewest: the first checkpoint judged erases
     fewest = count_forwards(backend, cfg, scorer, full_runs=[1 if first_fit else min(1, ckpts)],
                             groups_run=0 if first_fit else None,
                             reused=unchanged if ckpts or first_fit else 0, extended=0, trained=early)  # fmt: skip
@@ -155,7 +154,8 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
 def _extremes(cfg: EraseConfig, first_fit: bool) -> str:
     """When the erase costs the fewest forwards and when the most, in words."""
     stop = cfg.stops_when_erased
-    where = "the first checkpoint erases (training stops there)" if stop else "the last checkpoint erases"
+    where = (f"the first checkpoint judged while training (step {_first_judged(cfg)}) erases (training stops there)"
+             if stop else "the last checkpoint erases")  # fmt: skip
     if first_fit:
         return (f"fewest: when the judge keeps the widest block group: {where} with no retain fall; the most: when "
                 "it lets it go and every other group runs")  # fmt: skip
@@ -299,6 +299,13 @@ def n_checkpoints(cfg: EraseConfig, steps: int | None = None) -> int:
         return 0
     every, steps = cfg.checkpoint_interval, cfg.steps if steps is None else steps
     return steps // every + (1 if steps % every else 0)
+
+
+def _first_judged(cfg: EraseConfig) -> int:
+    """The first checkpoint the erased model judges while training (stop_when_erased): the first multiple of
+    checkpoint_interval from stop_check_from on, at most cfg.steps."""
+    every = cfg.checkpoint_interval
+    return min(cfg.steps, max(every, -(-cfg.stop_check_from // every) * every))
 
 
 def _judged(cfg: EraseConfig, steps: int, first: int = 0) -> int:

@@ -209,3 +209,15 @@ def test_memory_estimate_is_within_5_percent_of_the_readme_measurements():
         # the meta device stands in for the CPU, whose runtime (the process before any model) it leaves out
         assert est.training_peak_mb + CPU_RUNTIME_MB == pytest.approx(readme[name][1], rel=0.05)
         assert est.inference_peak_mb + CPU_RUNTIME_MB == pytest.approx(readme[name][0], rel=0.05)
+
+
+def test_the_fewest_stops_at_the_first_checkpoint_judged(toy_backend):
+    # the toy recipe judges from step 24 on (stop_check_from), a checkpoint every 12 steps: the fewest trains 24 steps
+    # and takes one verdict, and the plan says so
+    cfg = toy_config("circle")
+    assert cfg.stops_when_erased and (cfg.stop_check_from, cfg.checkpoint_interval) == (24, 12)
+    plan = plan_erase(toy_backend, cfg, memory=False)
+    assert plan.fewest_by_phase["training"] == 24 * step_forwards(cfg)
+    labels = 5  # the toy world's shapes: the concept and its four distractors
+    assert plan.fewest_by_phase["training/self-judging"] == cfg.self_judge_images * labels * cfg.self_judge_timesteps
+    assert "the first checkpoint judged while training (step 24) erases" in plan.extremes
