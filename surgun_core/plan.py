@@ -186,7 +186,7 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
                    trained: list[int] | None = None) -> dict[str, int]:  # fmt: skip
     """Sample-forwards per meter phase that erase(backend, cfg, scorer=scorer) does (phases with none left out).
 
-    What the judge decides sets two things, so they are arguments (default: the most an erase can cost):
+    What the judge decides sets these, so they are arguments (default: the most an erase can cost):
         full_runs: checkpoints scored in each full training run, in order (first fit: the widest group's
             run, then, if it let retain fall, the localized blocks' run; otherwise one run).
         groups_run: localization's short runs (0 when the widest group was kept).
@@ -196,7 +196,7 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
             calibrating: the most; 0 when the first run erased).
         trained: steps each full run trained before any extension (stop_when_erased stops a run at the first
             checkpoint that erases; default: cfg.steps each, the most).
-    outcome_of(backend, cfg, result) reads both from a finished erase.
+    outcome_of(backend, cfg, result) reads them all from a finished erase.
     """
     auto = cfg.blocks.strip() == AUTO_BLOCKS
     first_fit = auto and cfg.localize_first_fit
