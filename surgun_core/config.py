@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +26,7 @@ from .registry import (
     SCORER_NAMES,
 )
 
+log = logging.getLogger(__name__)
 Kind = Literal["object", "style"]
 
 
@@ -36,6 +39,8 @@ class EraseConfig:
     kind: Kind = "object"
     templates: list[str] | None = None  # prompt templates with one "{}"; None: built-in for `kind`
     retain_prompts: list[str] | None = None  # prompts for the optional retain anchor (L_R)
+    # the retain anchor's phrasings ("{}": a retained concept), over the distractors' images; None: their own prompts
+    retain_templates: list[str] | None = None
     steps: int = 150
     lr: float = 2e-3
     # "cosine": the learning rate decays to 0 by the last step, so the last checkpoint is a settled one (on the
@@ -47,6 +52,9 @@ class EraseConfig:
     batch_size: int = 8  # target images per step (as many distractor images)
     retain_batch_size: int | None = None  # retain-anchor images per step (None or more than batch_size: batch_size)
     distractors_per_step: int = 4
+    # a distractor row's image drawn in its target row's phrasing, whose prompt it is trained under (templates that
+    # name another attribute: a red square under "a photo of a purple circle" taught the model to drop the circle)
+    distractor_same_template: bool = False
     images_per_concept: int = 16  # training images the frozen model generates per concept
     sample_steps: int = 20
     sample_batch_size: int = 8  # images per sampler call while generating training images (GPU memory)
@@ -91,19 +99,13 @@ class EraseConfig:
     # the toy recipe's 120 steps purple was still rising (ground-truth UA 0.60)
     extend_steps: int = 0
     # what calibration measures on a checkpoint (judges/checkpoint.py). "self": erase is the share of held-out base
-    # images of the concept that the erased model, used as a diffusion classifier over the probe labels, no longer
-    # names as the concept (no images drawn: self_judge_images x labels x self_judge_timesteps forwards); retain is
-    # judged on the retained concepts' probe images. On the toy world (square, purple, ring, blue; 8 checkpoints each)
-    # the erased model's own verdict followed the ground truth where the judge of drawn images did not (blue erased
-    # from step 48, probe 0.62-0.88 until 144; purple at 120: UA 0.60, probe 0.81), for 320 forwards a checkpoint
-    # where drawing and judging the concept's 16 probe images cost 960. "probe": both from judged probe images
+    # images of the concept that the erased model, as a diffusion classifier over the probe labels, no longer names
+    # as the concept (no images drawn); retain is judged on the retained concepts' probe images. It followed the toy
+    # world's ground truth where the judge of drawn images did not (README). "probe": both from judged probe images
     calibrate_signal: str = "self"
     # with calibrate and "self" only: the erased model's own verdict is taken at every checkpoint while training,
     # and training stops at the first checkpoint that erases (erase_threshold); calibration then checks retain
-    # there (an earlier one does not erase). Toy world (a checkpoint every 12 of 120 steps, ground truth): the first
-    # erasing checkpoint came at step 24-60 and scored H within 0.013 of step 120's (square 0.987 vs 0.978, circle
-    # 0.970 vs 0.983); retain falls later in training (ring IRA 0.96 at 48, 0.85 at 60). Its price: a shallower plain
-    # erasure (full benchmark: prefix-attack recovery 0.120 against 0.015 with every step; blue 0.80 at step 48)
+    # there. Its price: a shallower plain erasure, which a prefix attack undoes more often (README)
     stop_when_erased: bool = False
     # stop_when_erased: the first training step at which the verdict is taken (earlier checkpoints are kept, not judged
     # while training). Toy world: no concept's verdict read erased at step 12 (ground truth UA 0.00-0.85 there)
@@ -158,11 +160,19 @@ class EraseConfig:
             bad = [t for t in self.templates if t.count("{}") != 1]
             if bad:
                 raise ConfigError("templates", f"{bad[0]!r} must contain exactly one '{{}}' where the concept goes")
-        if self.probe_templates is not None:
-            self.probe_templates = _clean_list("probe_templates", self.probe_templates, allow_empty=False)
-            bad = [t for t in self.probe_templates if t.count("{}") != 1]
-            if bad:
-                raise ConfigError("probe_templates", f"{bad[0]!r} must contain exactly one '{{}}' for the concept")
+        for name in ("probe_templates", "retain_templates"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _clean_list(name, value, allow_empty=False))
+                bad = [t for t in getattr(self, name) if t.count("{}") != 1]
+                if bad:
+                    raise ConfigError(name, f"{bad[0]!r} must contain exactly one '{{}}' for the concept")
+        if self.retain_templates:  # the anchor must not hold what is erased ("a photo of a red {}" erasing "red")
+            words = [re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in self.concepts]
+            named = [t for t in self.retain_templates if any(w.search(t) for w in words)]
+            if named:
+                log.info("retain_templates: left out %d that name a concept being erased (%s)", len(named), named[0])
+                self.retain_templates = [t for t in self.retain_templates if t not in named] or None
         if self.retain_prompts is not None:
             self.retain_prompts = _clean_list("retain_prompts", self.retain_prompts, allow_empty=True)
         for name in (
@@ -241,7 +251,7 @@ class EraseConfig:
     @property
     def block_pattern(self) -> str:
         """The regular expression for preset or manual blocks ("auto" has none until localization runs)."""
-        if self.blocks.strip() == AUTO_BLOCKS:
+        if self.localizes:
             raise ConfigError("blocks", "'auto' is resolved by localization (surgun.erase); give a preset or a "
                               "regular expression to train on fixed blocks")  # fmt: skip
         return BLOCK_PRESETS.get(self.blocks.strip(), self.blocks.strip())
@@ -255,6 +265,21 @@ class EraseConfig:
     def stops_when_erased(self) -> bool:
         """Whether training stops at the first erasing checkpoint: stop_when_erased, calibrating on "self" only."""
         return bool(self.stop_when_erased and self.calibrate and self.calibrate_signal == "self")
+
+    @property
+    def localizes(self) -> bool:  # blocks="auto": erase() localizes the blocks to train
+        return self.blocks.strip() == AUTO_BLOCKS
+
+    @property
+    def fits_widest_first(self) -> bool:
+        """Whether localization runs the widest group in full first and keeps it when it fits (localize_first_fit)."""
+        return self.localizes and self.localize_first_fit
+
+    @property
+    def scores_base(self) -> bool:
+        """Whether erase() scores the base model before training and builds the checkpoint measure: what
+        calibration's measure is held to, and first fit's."""
+        return self.calibrate or self.fits_widest_first
 
     @property
     def scan_stops_unerased(self) -> bool:

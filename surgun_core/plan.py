@@ -60,7 +60,7 @@ from .judges.scorers import DiffusionScorer, Scorer
 from .meter import total
 from .plan_memory import MemoryEstimate, estimate_memory
 from .plan_timing import time_forwards
-from .registry import AUTO_BLOCKS, SCORER_NAMES
+from .registry import SCORER_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,10 @@ def plan_erase(backend: Backend, cfg: EraseConfig, *, scorer: Scorer | None = No
             phase "plan timing"); None: on CUDA only.
         memory: estimate the peak memory (a shape-only trace of one forward).
     """
-    auto = cfg.blocks.strip() == AUTO_BLOCKS
+    auto = cfg.localizes
     groups = len(candidate_groups(backend, cfg.localize_attention)) if auto else 0
     ckpts = n_checkpoints(cfg)
-    first_fit = auto and cfg.localize_first_fit  # fewest: the widest group kept, its last checkpoint fits
+    first_fit = cfg.fits_widest_first  # fewest: the widest group kept, its last checkpoint fits
     probe = calibration_probe(cfg)  # fewest: every retained probe image unchanged: the judge reuses the base's label
     unchanged = len(probe.rows()) - len([r for r in probe.rows() if r[1] in probe.erased])
     early = [_first_judged(cfg)] if cfg.stops_when_erased else None  # fewest: the first checkpoint judged erases
@@ -198,8 +198,7 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
             checkpoint that erases; default: cfg.steps each, the most).
     outcome_of(backend, cfg, result) reads them all from a finished erase.
     """
-    auto = cfg.blocks.strip() == AUTO_BLOCKS
-    first_fit = auto and cfg.localize_first_fit
+    auto, first_fit = cfg.localizes, cfg.fits_widest_first
     gradient = cfg.localize_method == "gradient"  # one run of localize_batches steps, no probe images
     ckpts = n_checkpoints(cfg)
     if extended is None:
@@ -226,7 +225,7 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
         add(f"{phase}/probe images", times * n_images * cfg.probe_steps * rows)
         add(f"{phase}/judging", times * judge(n_images, labels))
 
-    if cfg.calibrate or first_fit:  # erase() scores the base model first (the retain bar) and draws "self"'s images
+    if cfg.scores_base:  # erase() scores the base model first (the retain bar) and draws "self"'s images
         score("reference", n_probe)
         add("reference/probe images", n_self * cfg.probe_steps * rows)  # "self": the held-out images
     # localization's own probe set (short runs with fewer seeds than calibration's, or all rows where "self" draws
@@ -263,7 +262,7 @@ def outcome_of(backend: Backend, cfg: EraseConfig, result) -> dict:
     runs = (1 if cfg.localize_method == "gradient" else len(loc.groups)) if loc else 0  # localization's runs
     extended = result.extended_steps  # the extension's checkpoints are in the curve (scored) already
     last = result.steps_done - extended  # the last run's steps before its extension
-    if not (cfg.blocks.strip() == AUTO_BLOCKS and cfg.localize_first_fit):
+    if not cfg.fits_widest_first:
         return {"full_runs": [scored], "groups_run": runs, "reused": reused, "extended": extended, "trained": [last]}
     widest = max(candidate_groups(backend, cfg.localize_attention), key=lambda g: len(g.modules))
     if loc.chosen == [widest.name]:  # kept after its full run (the others skip it)

@@ -17,7 +17,7 @@ from .config import EraseConfig
 from .errors import ConfigError
 from .objectives import FlowObjective
 from .toyworld.paths import ARCHITECTURE as TOY_ARCHITECTURE
-from .toyworld.world import COLOURS, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
+from .toyworld.world import COLOURS, FULL_TEMPLATES, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
 
 # Probe prompts of the toy world: the concept alone and with the other attribute, as users write them
 # (training prompts name the concept alone).
@@ -31,6 +31,37 @@ def toy_templates(kind: str) -> list[str]:
     """The toy world's training phrasings of a kind, with "{}" for the concept (the engine's template form)."""
     templates = OBJECT_TEMPLATES if kind == "object" else STYLE_TEMPLATES
     return [t.replace("{s}", "{}").replace("{c}", "{}") for t in templates]
+
+
+# The toy world's phrasings that name a shape and a colour, but for the evaluation's own ("a {c} {s}"):
+# "a photo of a {c} {s}", "a drawing of a {c} {s}", "a {s} in {c}"
+_COMPOSED = ("a photo of a {c} {s}", "a drawing of a {c} {s}", "a {s} in {c}")
+assert set(_COMPOSED) <= set(FULL_TEMPLATES)  # the base model's own training phrasings
+
+
+def _composed(kind: str, others: tuple[str, ...]) -> list[str]:
+    """A kind's phrasings with "{}" for its concept beside each concept of the other kind (`others`)."""
+    mine, theirs = ("{s}", "{c}") if kind == "object" else ("{c}", "{s}")
+    return [t.replace(theirs, o).replace(mine, "{}") for t in _COMPOSED for o in others]
+
+
+# plain mode on the toy world, by kind (robust mode's settings were measured without them). Objects: every
+# retain miss of the previous recipe was a shape beside a colour (erasing circle drew "a yellow triangle" as a
+# circle, erasing square "a purple cross" as a triangle), and the anchor only saw shapes alone; anchoring the
+# distractors' images under their names beside each colour (no image drawn) kept every retained shape (IRA 1.00 on
+# the five shapes, was 0.96 on circle, square and ring). The same anchor on colours cost erasure (green UA 0.75,
+# blue 120 steps against 48). Colours: their training phrasings never named a shape, and "a purple circle" stayed
+# purple (UA 0.90 at 168 steps); trained beside each shape too, purple erased (UA 1.00) at 132. With such phrasings a
+# distractor row's image is drawn in its target row's phrasing (distractor_same_template): a red square under
+# "a photo of a purple circle" had purple circles lose their shape (0.65 kept it, 1.00 with the same phrasing)
+TOY_PLAIN_BY_KIND = {
+    "object": {"retain_templates": toy_templates("object") + _composed("object", COLOURS)},
+    # one image a phrasing (16 a concept): beside every shape in two phrasings, circle and square in the third
+    "style": {
+        "templates": (toy_templates("style") + _composed("style", SHAPES))[:16],
+        "distractor_same_template": True,
+    },
+}
 
 
 def _toy_concepts(kind: str, concepts: list[str]) -> dict:
@@ -61,10 +92,14 @@ class Recipe:
     # adversary as the rate decays) 0.43-0.53 against 0.23 constant (README, "Robustness")
     robust: dict = field(default_factory=lambda: dict(ROBUST))
     robust_by_kind: dict = field(default_factory=dict)  # robust settings of one concept kind ("object", "style")
+    plain_by_kind: dict = field(default_factory=dict)  # settings of one concept kind in plain mode only
 
     def settings_for(self, kind: str, concepts: list[str], robust: bool = False) -> dict:
         extra = self.per_concepts(kind, concepts) if self.per_concepts else {}
-        more = {**self.robust, **self.robust_by_kind.get(kind, {}), "robust": True} if robust else {}
+        if robust:
+            more = {**self.robust, **self.robust_by_kind.get(kind, {}), "robust": True}
+        else:
+            more = self.plain_by_kind.get(kind, {})
         return {**self.settings, **extra, **more, "recipe": self.name}
 
 
@@ -114,6 +149,7 @@ RECIPES: dict[str, Recipe] = {
         _toy_concepts,
         robust=TOY_ROBUST,
         robust_by_kind=TOY_ROBUST_BY_KIND,
+        plain_by_kind=TOY_PLAIN_BY_KIND,
     ),
     # EraseConfig's defaults are the SD recipe
     "sd1": Recipe("sd1", "Stable Diffusion 1.x / 2.x UNets (512-768 px)"),

@@ -31,8 +31,8 @@ LOCALIZE_METHODS = ("gradient", "short-runs")
 SCORER_NAMES = ("diffusion", "toy", "clip")
 # what calibration measures on a checkpoint (judges/checkpoint.py): "self" (erase: the erased model as a diffusion
 # classifier of held-out base images of the concept, no images drawn; retain: the retained concepts' probe images,
-# judged) or "probe" (erase and retain both from the judged probe images of every probe concept)
-CALIBRATION_SIGNALS = ("self", "probe")
+# judged) or "probe" (erase and retain both from the judged probe images of every probe concept); each in words
+CALIBRATION_SIGNALS = {"self": "the erased model's own verdict", "probe": "judged probe images"}
 PRECISIONS = ("float32", "bfloat16", "float16")
 # the learning rate over a run (engine/train.py): "cosine" decays it to 0 by the last step, "constant" keeps it
 LR_SCHEDULES = ("cosine", "constant")

@@ -26,7 +26,7 @@ from .judges.probe import ProbeScores, fits, judge_for, needs_judge, probe_set, 
 from .judges.scorers import Scorer
 from .lora import LoraDelta, LoRASet
 from .meter import peak_memory_mb, total
-from .registry import AUTO_BLOCKS
+from .registry import CALIBRATION_SIGNALS
 
 __all__ = ["Cancel", "EraseResult", "Progress", "erase"]
 log = logging.getLogger(__name__)
@@ -92,18 +92,18 @@ def erase(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cache = cache or ImageCache(default_cache_dir())
-    auto = cfg.blocks.strip() == AUTO_BLOCKS
+    auto = cfg.localizes
     probe = probe_set(cfg)
     if scorer is None and needs_judge(cfg):
         scorer = judge_for(cfg, backend)
     # 0. the base model's scores, before any LoRA is on: what calibration's measure is held to (and first fit's)
     reference, measure, base = None, None, None
-    if scorer is not None and (cfg.calibrate or (auto and cfg.localize_first_fit)):
+    if scorer is not None and cfg.scores_base:
         reference = reference_scores(backend, scorer, cfg.probe_steps, cfg.guidance, cfg.sample_batch_size)
         measure, base = checkpoint_measure(backend, cfg, scorer, reference)
     run = _Runner(backend, cfg, measure, base, progress, cancel, cache)
     result, loc, skip, let_go, let_go_steps = None, None, (), 0, 0
-    if auto and cfg.localize_first_fit and base is not None:  # 1a. the widest group, with the full run
+    if cfg.fits_widest_first and base is not None:  # 1a. the widest group, with the full run
         wide = widest_group(backend, cfg.localize_attention)
         result = run(wide.pattern, score_last=True)
         row = next(r for r in result.calibration.curve if r["step"] == result.calibration.chosen_step)
@@ -178,7 +178,7 @@ class _Runner:
         mode's attacker goes on from its last tokens (restarted from the word, it let the extension settle where
         inversion still found the concept: toy yellow, recovery 0.275)."""
         cfg, best = self.cfg, max(r["erase"] for r in first.calibration.curve)
-        signal = _SIGNAL[cfg.calibrate_signal]
+        signal = CALIBRATION_SIGNALS[cfg.calibrate_signal]
         log.info("no checkpoint of %d steps erased (best erase %.2f < %g, %s): training %d steps more",
                  first.steps_done, best, cfg.erase_threshold, signal, cfg.extend_steps)  # fmt: skip
         last = first.checkpoints[-1][1]
@@ -194,9 +194,6 @@ class _Runner:
         return EraseResult(t.lora, history=first.history + t.history, checkpoints=first.checkpoints + t.checkpoints,
                            steps_done=t.steps_done, stopped=t.stopped, calibration=cal, erased_at=t.erased_at,
                            extended_steps=t.steps_done - first.steps_done)  # fmt: skip
-
-
-_SIGNAL = {"self": "the erased model's own verdict", "probe": "judged probe images"}  # calibrate_signal, in words
 
 
 def _none_erased(cal: CalibrationResult) -> bool:

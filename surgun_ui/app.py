@@ -188,9 +188,8 @@ def _status(state: dict, started: float, session: EraseSession) -> str:
 
 def _done(out: EraseOutcome) -> str:
     s = out.scores
-    note = f" (stopped early: {s['stopped']})" if s.get("stopped") else ""
-    if not note and s.get("erased_at") is not None:
-        note = f" (training stopped at step {s['erased_at']}, the first checkpoint read as erased)"
+    # where training ended, worded as `surgun erase` and ComfyUI's Train report word it (EraseResult.notes)
+    note = f" ({'; '.join(n.removeprefix('note: ') for n in s['notes'])})" if s.get("notes") else ""
     return (f"**Done** in {s['seconds']:.0f} s{note}: erase {s['erase']:.2f}, retain {s['retain']:.2f} "
             f"(step {s['chosen_step']} of {s['steps']}). Saved `{out.lora_path.name}`.")  # fmt: skip
 

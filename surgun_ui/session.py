@@ -190,7 +190,7 @@ class EraseSession:
         if result.calibration is not None:
             curve = plot_curve(result.calibration, title=f"calibration: {', '.join(cfg.concepts)}")
         scores.update(steps=result.steps_done, seconds=round(result.seconds, 1), stopped=result.stopped,
-                      erased_at=result.erased_at)  # fmt: skip
+                      erased_at=result.erased_at, notes=result.notes())  # fmt: skip
         gallery = []
         for i, (p, s) in enumerate(zip(prompts, seeds)):
             gallery += [(to_pil(before[i]), f"before: {p} (seed {s})"), (to_pil(after[i]), f"after: {p} (seed {s})")]

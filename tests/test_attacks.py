@@ -249,12 +249,14 @@ def test_audit_refuses_unknown_attacks_before_any_work(toy_backend, scorer):
 def test_inversion_brings_an_erased_circle_back(toy_backend, scorer):
     """Erase circle with the toy recipe, then invert: the word no longer draws circles, a learned token does.
 
-    Time: 40 erase steps at the recipe's learning rate held constant (the recipe's 120 decay on a cosine) and no
-    calibration, on every level's cross-attention keys/values (what the demo trains); inversion with 300
-    steps on 24 images instead of the toy default (600 on 40), on 20 images. Measured: 0.60 and 0.55 (seeds 0
-    and 1) against 0.0 for the plain "a <colour> circle"; an untrained token gives about 0.3 (see the report).
+    Time: 60 erase steps at the recipe's learning rate held constant (the recipe's 120 decay on a cosine) and no
+    calibration, on every level's cross-attention keys/values (what the demo trains; 40 steps, enough before the
+    recipe anchored the other shapes beside each colour, left 0.70 of "a <colour> circle" drawn as circles);
+    inversion with 300 steps on 24 images instead of the toy default (600 on 40), on 20 images. Measured at 40
+    steps with the previous recipe: 0.60 and 0.55 (seeds 0 and 1) against 0.0 for the plain "a <colour> circle";
+    an untrained token gives about 0.3 (see the report).
     """
-    cfg = toy_config("circle", blocks="cross-attn-kv", calibrate=False, steps=40, lr_schedule="constant")
+    cfg = toy_config("circle", blocks="cross-attn-kv", calibrate=False, steps=60, lr_schedule="constant")
     result = erase(toy_backend, cfg, cache=ImageCache())
     try:
         plain, _ = run_attack("phrasings", toy_backend, "circle", "object", scorer, result.lora.disabled,

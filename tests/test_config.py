@@ -50,6 +50,9 @@ def test_concept_as_its_own_distractor():
         ("precision", "float8", "float32, bfloat16, float16"),
         ("blocks", "  ", "preset"),
         ("templates", ["a photo"], "{}"),
+        ("retain_templates", ["a red {} and a {}"], "exactly one"),
+        ("retain_templates", [], "empty"),
+        ("distractor_same_template", "yes", "true or false"),
         ("checkpoint_every", -5, ">= 0"),
         ("extend_steps", -1, ">= 0"),
         ("extend_steps", 2.5, ">= 0"),
@@ -87,3 +90,10 @@ def test_unknown_setting_lists_valid_ones():
     with pytest.raises(ConfigError) as e:
         EraseConfig.from_dict({"concepts": ["x"], "stepz": 3})
     assert e.value.field == "stepz" and "steps" in str(e.value)
+
+
+def test_the_retain_anchor_never_holds_a_concept_being_erased():
+    # the toy recipe anchors shapes beside each colour; erasing "red" as an object must not anchor "a photo of a red {}"
+    cfg = EraseConfig(concepts=["Red"], retain_templates=["a photo of a red {}", "a {} in blue", "a redwood {}"])
+    assert cfg.retain_templates == ["a {} in blue", "a redwood {}"]  # whole words only
+    assert EraseConfig(concepts=["red"], retain_templates=["a red {}"]).retain_templates is None  # the plain anchor

@@ -92,3 +92,24 @@ def test_robust_settings_can_depend_on_the_concept_kind():
     assert recipe_config("toy", ["yellow"], "style", robust=True).w_retain == 30.0
     assert recipe_config("toy", ["yellow"], "style", robust=True, w_retain=50.0).w_retain == 50.0
     assert recipe_config("toy", ["yellow"], "style").w_retain == 300.0  # plain mode keeps the plain recipe's anchor
+
+
+def test_the_toy_recipe_phrases_each_kind_beside_the_other_in_plain_mode_only():
+    from surgun_core.toyworld.world import COLOURS, EVAL_TEMPLATE, HELDOUT_TEMPLATES, SHAPES
+
+    held_out = {t.replace("{c}", c).replace("{s}", s) for t in (EVAL_TEMPLATE, *HELDOUT_TEMPLATES)
+                for c in COLOURS for s in SHAPES}  # fmt: skip
+    shape = recipe_config("toy", ["circle"], "object")
+    anchored = [t.format("square") for t in shape.retain_templates]
+    assert {f"a photo of a {c} square" for c in COLOURS} <= set(anchored) and "a square" in anchored
+    assert shape.templates == ["a photo of a {}", "a {}", "a drawing of a {}", "a painting of a {}"]
+    colour = recipe_config("toy", ["purple"], "style")
+    trained = [t.format("purple") for t in colour.templates]
+    assert len(trained) == colour.images_per_concept and colour.distractor_same_template
+    assert {f"a photo of a purple {s}" for s in SHAPES} <= set(trained) and "purple artwork" in trained
+    assert not held_out & (set(anchored) | set(trained))  # the evaluation's phrasings stay unseen
+    for concept, kind in (("circle", "object"), ("purple", "style")):
+        robust = recipe_config("toy", [concept], kind, robust=True)
+        assert robust.retain_templates is None and not robust.distractor_same_template
+        assert not any(s in t for t in robust.templates for s in SHAPES)
+    assert recipe_config("toy", ["purple"], "style", templates=["{} paint"]).templates == ["{} paint"]  # the user's

@@ -78,8 +78,10 @@ def test_erase_saves_the_lora_and_probe_shows_before_and_after(host, tmp_path):
     assert out.lora_path == tmp_path / "Lora" / "surgun-circle.safetensors" and out.lora_path.is_file()
     assert out.snippet == "<lora:surgun-circle:1>"
     assert {"before", "images", "train", "after"} <= set(phases)
-    assert set(out.scores) >= {"erase", "retain", "h", "steps", "seconds", "erased_at"} and out.scores["steps"] == 8
+    assert set(out.scores) >= {"erase", "retain", "h", "steps", "seconds", "erased_at", "notes"}
+    assert out.scores["steps"] == 8
     assert out.scores["erased_at"] is None  # without calibration training never stops once erased
+    assert out.scores["notes"] == []  # nor stops early: the tab's status has nothing to say about it
     assert 0.0 <= out.scores["erase"] <= 1.0 and 0.0 <= out.scores["retain"] <= 1.0
     # before/after pairs, erased concept first; images scaled up for display
     assert len(out.gallery) == 2 * 5 and out.gallery[0][1].startswith("before: ") and "circle" in out.gallery[0][1]
@@ -124,3 +126,19 @@ def test_stop_ends_training_and_writes_nothing(host, tmp_path):
     # the model is left as it was: a later erase runs (and is not refused as busy)
     out = session.erase(EraseRequest("square", **FAST))
     assert out.lora_path.name == "surgun-square.safetensors"
+
+
+def test_the_tabs_status_words_where_training_ended_as_the_cli_does(tmp_path):
+    from surgun_core.config import EraseConfig
+    from surgun_core.surgun import EraseResult
+    from surgun_ui.app import _done
+    from surgun_ui.session import EraseOutcome
+
+    result = EraseResult(lora=None, steps_done=24, erased_at=24)  # no LoRA needed: notes() reads where it ended
+    scores = {"seconds": 3.0, "erase": 1.0, "retain": 0.94, "chosen_step": 24, "steps": 24, "notes": result.notes()}
+    status = _done(EraseOutcome(scores, tmp_path / "x.safetensors", "", [], None, EraseConfig(concepts=["cat"])))
+    line = "training stopped at step 24, the first checkpoint the erased model read as erased (stop_when_erased)"
+    assert result.notes() == [f"note: {line}"] and f"**Done** in 3 s ({line}): erase 1.00" in status  # the CLI's line
+    scores["notes"] = []
+    plain = _done(EraseOutcome(scores, tmp_path / "x.safetensors", "", [], None, EraseConfig(["cat"])))
+    assert plain.startswith("**Done** in 3 s: erase 1.00, retain 0.94 (step 24 of 24)")  # nothing to say: no note

@@ -8,7 +8,8 @@ import torch
 from surgun_core.backends.base import cond_cat
 from surgun_core.cache import ImageCache
 from surgun_core.config import EraseConfig
-from surgun_core.engine.train import StepBatch, surgun_backward, surgun_loss, train_delta
+from surgun_core.engine.data import generate_concept_images
+from surgun_core.engine.train import StepBatch, _same_template, surgun_backward, surgun_loss, train_delta
 from surgun_core.lora import LoRASet
 from surgun_core.testing import tiny_backend
 
@@ -110,3 +111,48 @@ def test_the_verdict_is_not_asked_before_stop_check_from():
                       stop_at=stop_at)  # fmt: skip
     res.lora.detach()
     assert res.erased_at == res.steps_done == 4 and [s for s, _ in res.checkpoints] == [2, 4] and len(asked) == 1
+
+
+def _encoded(backend, monkeypatch) -> list[list[str]]:
+    """Each call's prompts to the frozen text encoder (the loop's bank of conditioning is the last call)."""
+    calls, encode = [], backend.encode
+
+    def spy(prompts):
+        calls.append(list(prompts))
+        return encode(prompts)
+
+    monkeypatch.setattr(backend, "encode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("retain_templates", [None, ["a red {}", "a {} at night"]])
+def test_retain_templates_write_the_anchor_prompts(retain_templates, monkeypatch):
+    backend = tiny_backend("sd1")
+    calls = _encoded(backend, monkeypatch)
+    cfg = EraseConfig(concepts=["cat"], distractors=["dog", "bird"], templates=["a {}"], steps=2, batch_size=2,
+                      images_per_concept=2, sample_steps=2, retain_templates=retain_templates)  # fmt: skip
+    res = train_delta(backend, cfg, r"attn2\.(to_k|to_v)$", cache=ImageCache(None))
+    res.lora.detach()
+    assert res.steps_done == 2 and all(h["L_R"] >= 0 for h in res.history)
+    drawn = {p for call in calls[:-1] for p in call}  # the sampler's prompts: training images (and its empty one)
+    bank = set(calls[-1])
+    assert drawn == {"", "a cat", "a dog", "a bird"}  # no image is drawn for the anchor's own prompts
+    if retain_templates is None:  # the anchor: the distractors' images under their own prompts
+        assert bank == {"a cat", "a dog", "a bird"}
+    else:  # each distractor in each template, over the images drawn for "a dog" and "a bird"
+        assert bank == {"a cat", "a red dog", "a dog at night", "a red bird", "a bird at night"}
+
+
+def test_a_distractor_row_is_drawn_in_its_target_rows_phrasing():
+    backend = tiny_backend("sd1")
+    templates = ["a {}", "a photo of a {}", "a {} at night"]
+    draw = lambda names, seed: generate_concept_images(backend, names, templates, 4, seed, 2, 1.0, ImageCache(None))  # noqa: E731
+    X_T, X_D = draw(["cat"], 0), draw(["dog", "bird"], 1)
+    for i, prompt in enumerate(X_T.prompts):
+        for w, name in enumerate(X_D.names):
+            assert X_D.prompts[int(_same_template(X_D, w, X_T, i))] == prompt.replace("cat", name)
+    cfg = EraseConfig(concepts=["cat"], distractors=["dog", "bird"], templates=templates, steps=2, batch_size=2,
+                      images_per_concept=3, sample_steps=2, distractor_same_template=True)  # fmt: skip
+    res = train_delta(backend, cfg, r"attn2\.(to_k|to_v)$", cache=ImageCache(None))
+    res.lora.detach()
+    assert res.steps_done == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)

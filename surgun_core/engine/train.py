@@ -115,13 +115,13 @@ def train_delta(
     with backend.meter.phase("training images"):
         X_T = gen(cfg.concepts, 0)
         X_D = gen(distractors, 1) if distractors else None
-        retain_prompts = cfg.retain_prompts or (X_D.prompts if X_D is not None else [])
         X_R = None
         if cfg.use_retain:
             X_R = _retain_images(backend, cfg, cache) if cfg.retain_prompts else X_D
             if X_R is None:
                 raise ConfigError("retain_prompts", "use_retain needs retain_prompts or distractors")
-    bank = CondBank(backend, X_T.prompts + (retain_prompts if cfg.use_retain else []))
+    R_prompts = _retain_prompt_table(cfg, X_R) if cfg.use_retain else None  # per retain image: its prompts
+    bank = CondBank(backend, X_T.prompts + ([p for ps in R_prompts for p in ps] if cfg.use_retain else []))
 
     # 2. LoRA on the chosen attention layers; the base stays frozen (no grads, no optimizer state).
     with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights come from the seed too
@@ -161,14 +161,20 @@ def train_delta(
                 # distractor batch: K distractors drawn afresh, their images under the TARGET prompts
                 k = min(cfg.distractors_per_step, len(X_D.names))
                 chosen = torch.randperm(len(X_D.names), generator=g)[:k]
-                pool = torch.cat([X_D.of(int(i)) for i in chosen])
-                idd = pool[torch.randint(0, len(pool), (B,), generator=g)]
+                if cfg.distractor_same_template:  # each row: a chosen distractor's image drawn in its row's phrasing
+                    who = chosen[torch.randint(0, len(chosen), (B,), generator=g)]
+                    idd = torch.stack([_same_template(X_D, int(w), X_T, int(i)) for w, i in zip(who, it)])
+                else:
+                    pool = torch.cat([X_D.of(int(i)) for i in chosen])
+                    idd = pool[torch.randint(0, len(pool), (B,), generator=g)]
                 batch.x_D = X_D.x0[idd].to(dev, backend.dtype)
                 batch.noise_D = torch.randn(batch.x_D.shape, generator=g).to(batch.x_D)
             if cfg.use_retain:
                 ir = torch.randint(0, len(X_R.prompts), (cfg.retain_rows,), generator=g)
                 batch.x_R = X_R.x0[ir].to(dev, backend.dtype)
-                batch.c_R = bank.batch([X_R.prompts[i] for i in ir])
+                n = len(R_prompts[0])  # one prompt an image unless retain_templates: then one drawn per row
+                pick = torch.randint(0, n, (len(ir),), generator=g).tolist() if n > 1 else [0] * len(ir)
+                batch.c_R = bank.batch([R_prompts[i][j] for i, j in zip(ir.tolist(), pick)])
                 batch.noise_R = torch.randn(batch.x_R.shape, generator=g).to(batch.x_R)
             opt.zero_grad(set_to_none=True)
             L, L_T, L_D, L_C, L_R = surgun_backward(backend, cfg, lset, batch)
@@ -274,6 +280,21 @@ def _retain_term(backend, lset, x0, cond, t, noise):
     with torch.no_grad(), lset.disabled():
         ref = backend.predict(x_t, tm, cond).float()
     return ((backend.predict(x_t, tm, cond).float() - ref) ** 2).mean()
+
+
+def _same_template(X_D, concept: int, X_T, i: int) -> torch.Tensor:
+    """The index of distractor `concept`'s image drawn in the phrasing of target image i (the same place in the
+    templates' cycle: generate_concept_images cycles every concept's images through the templates alike)."""
+    place = int((X_T.of(int(X_T.concept[i])) < i).sum())
+    own = X_D.of(concept)
+    return own[place % len(own)]
+
+
+def _retain_prompt_table(cfg: EraseConfig, X_R) -> list[list[str]]:
+    """Each retain image's prompts: its own, or (retain_templates, over the distractors' images) its concept's."""
+    if cfg.retain_prompts or not cfg.retain_templates:
+        return [[p] for p in X_R.prompts]
+    return [[t.format(X_R.names[int(i)]) for t in cfg.retain_templates] for i in X_R.concept]
 
 
 def _retain_images(backend, cfg, cache):

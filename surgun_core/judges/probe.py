@@ -18,7 +18,6 @@ import torch
 from ..backends.base import Backend
 from ..concepts import templates_for
 from ..config import EraseConfig
-from ..registry import AUTO_BLOCKS
 from .scorers import Scorer, make_scorer
 
 PROBE_SEED = 7_000_000  # probe images use seeds far from the training images' seeds
@@ -73,8 +72,7 @@ def judge_for(cfg: EraseConfig, backend: Backend) -> Scorer:
 def needs_judge(cfg: EraseConfig) -> bool:
     """Whether an erase judges probe images: calibration, or localization by short runs or first fit (gradient
     localization judges nothing)."""
-    auto = cfg.blocks.strip() == AUTO_BLOCKS
-    return cfg.calibrate or (auto and (cfg.localize_method == "short-runs" or cfg.localize_first_fit))
+    return cfg.scores_base or (cfg.localizes and cfg.localize_method == "short-runs")
 
 
 def judge_templates(cfg: EraseConfig) -> list[str]:

@@ -151,7 +151,9 @@ def test_missing_delta_file_is_refused_with_message():
 def test_attack_audit_of_an_applied_delta():
     """Demo Model -> Train -> Apply Unlearning Delta (Train's delta on the demo model) -> SurgUn Attack Audit, its
     grid to PreviewImage and its report and recovery to Preview as Text."""
-    graph = _train_graph("circle", steps=40, lr=0.05)  # enough that new phrasings rarely bring the circle back
+    # enough that new phrasings rarely bring the circle back (40 steps at 5e-2 were before the toy recipe anchored
+    # the other shapes beside each colour: "a <colour> circle" then still drew circles, recovery 0.93)
+    graph = _train_graph("circle", steps=90, lr=0.02)
     graph["ap"] = {"class_type": "SurgUnApplyDelta", "inputs": {"model": ["1", 0], "strength": 1.0, "delta": ["2", 1]}}
     settings = {"phrasings": {"seeds_per_prompt": 1, "sample_steps": 10},
                 "concept_vector": {"strengths": [1.0, 3.0], "seeds_per_prompt": 1, "sample_steps": 5}}  # fmt: skip
