@@ -23,6 +23,7 @@ from .registry import (
     LOCALIZE_METHODS,
     LR_SCHEDULES,
     PRECISIONS,
+    RETAIN_ANCHORS,
     SCORER_NAMES,
 )
 
@@ -68,6 +69,7 @@ class EraseConfig:
     w_distract: float = 1.0
     w_contrast: float = 0.1
     w_retain: float = 100.0  # prediction MSE is small next to the log terms; this balances them
+    retain_anchor: str = "output"  # "output" |f - f0|^2 over retain images, or "text" (engine/anchor.py)
     contrast_delta: float = 0.01
     contrast_cap: float | None = 0.5  # stop the contrast's ascent once L_T >= e^cap * L_D (None: never)
     max_grad_norm: float = 1.0
@@ -244,6 +246,13 @@ class EraseConfig:
         if self.calibrate_signal not in CALIBRATION_SIGNALS:
             raise ConfigError("calibrate_signal", f"unknown {self.calibrate_signal!r}; choose one of "
                               f"{', '.join(CALIBRATION_SIGNALS)}")  # fmt: skip
+        if self.retain_anchor not in RETAIN_ANCHORS:
+            raise ConfigError("retain_anchor", f"unknown {self.retain_anchor!r}; choose one of "
+                              f"{', '.join(RETAIN_ANCHORS)}")  # fmt: skip
+        if self.use_retain and self.retain_anchor == "text" and self.localizes and self.localize_attention != "cross":
+            raise ConfigError("retain_anchor", f"'text' anchors layers that read the prompt alone, but localization "
+                              f"would try {self.localize_attention!r} attention; use localize_attention='cross' or "
+                              "retain_anchor='output'")  # fmt: skip
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         _check_types(self, ("int", "float"))  # numbers the checks above do not name (a field added later)

@@ -31,8 +31,9 @@ after measuring every checkpoint, every other group run, a second run whose last
 extended and its extension measured in full) and the fewest (the widest group kept on its last checkpoint).
 A sampler step is one row per image, two with classifier-free guidance (guidance != 1; sampling._guided).
 One training step: the target and distractor batches in one forward with a backward (3 per row, 2B rows;
-B rows without distractors or contrast), and with the retain anchor its no-grad reference (1 per row) and
-its forward with a backward (3 per row). The diffusion judge: images x timesteps x labels, each label inside
+B rows without distractors or contrast), and with the "output" retain anchor its no-grad reference (1 per row) and
+its forward with a backward (3 per row); the "text" anchor runs none a step, one per retain prompt (and 2) once a
+run (anchor_forwards). The diffusion judge: images x timesteps x labels, each label inside
 the image's own prompt.
 The plan assumes empty caches (no training image and no localization cached) and, for the most, that every
 step runs (stop_when_erased stops at the first checkpoint that erases: the fewest stops at the first one);
@@ -52,6 +53,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 from .backends.base import Backend
+from .concepts import templates_for
 from .config import EraseConfig
 from .engine.localize import candidate_groups
 from .judges.checkpoint import calibration_probe
@@ -237,11 +239,12 @@ def count_forwards(backend: Backend, cfg: EraseConfig, scorer: Scorer | None = N
     # without first fit that is localization's first short run
     images = "localization/training images" if auto and not first_fit else "training images"
     add(images, training_images(cfg) * cfg.sample_steps * rows)
-    add("localization/training", groups_run * (cfg.localize_batches if gradient else cfg.localize_steps)
-        * step_forwards(cfg))  # fmt: skip
+    add("localization/training", groups_run * ((cfg.localize_batches if gradient else cfg.localize_steps)
+        * step_forwards(cfg) + anchor_forwards(cfg)))  # fmt: skip
     score("localization", n_loc, 0 if gradient else groups_run)
     trained = [cfg.steps] * len(full_runs) if trained is None else trained
-    add("training", (sum(trained) + extended) * step_forwards(cfg))
+    add("training", (sum(trained) + extended) * step_forwards(cfg)
+        + (len(trained) + bool(extended)) * anchor_forwards(cfg))  # fmt: skip
     score("calibration", n_probe, sum(full_runs))
     add("calibration/judging", -judge(reused, labels))
     self_judged = n_self * cfg.self_judge_timesteps * labels  # one checkpoint's verdict
@@ -276,7 +279,7 @@ def outcome_of(backend: Backend, cfg: EraseConfig, result) -> dict:
 def training_images(cfg: EraseConfig) -> int:
     """Images the frozen model draws for training (engine/train.train_delta): targets, distractors, retain."""
     n = len(cfg.concepts) * cfg.images_per_concept + len(cfg.resolved_distractors()) * cfg.images_per_concept
-    if cfg.use_retain and cfg.retain_prompts:  # user retain prompts get their own images (train._retain_images)
+    if cfg.use_retain and cfg.retain_prompts and cfg.retain_anchor == "output":  # their own images (train.py)
         n += len(cfg.retain_prompts) * max(2, cfg.images_per_concept // 4)
     return n
 
@@ -285,10 +288,26 @@ def step_forwards(cfg: EraseConfig) -> int:
     """Sample-forwards of one training step (engine/train.surgun_backward), a backward counting 2."""
     B = cfg.batch_size
     n = 3 * B * (2 if cfg.use_distractors or cfg.use_contrast else 1)  # target (+ distractor) batch, backward
-    if cfg.use_retain:
+    if cfg.use_retain and cfg.retain_anchor == "output":
         R = cfg.retain_rows
         n += R + 3 * R  # the frozen reference (no grad), then the LoRA's forward with its backward
-    return n
+    return n  # the "text" anchor runs no denoiser forward a step (anchor_forwards: once a run)
+
+
+def anchor_forwards(cfg: EraseConfig) -> int:
+    """Sample-forwards a training run spends on the "text" retain anchor's inputs (engine/anchor.TextAnchor): two
+    for the first prompt (the check that the layers read the prompt alone), then one for each retain prompt."""
+    if not (cfg.use_retain and cfg.retain_anchor == "text"):
+        return 0
+    if cfg.retain_prompts:
+        prompts = set(cfg.retain_prompts)
+    elif cfg.retain_templates:
+        prompts = {t.format(d) for d in cfg.resolved_distractors() for t in cfg.retain_templates}
+    else:  # the distractors' images' own prompts: the templates cycled over images_per_concept images
+        templates = cfg.templates or list(templates_for(cfg.kind))
+        n = min(cfg.images_per_concept, len(templates))
+        prompts = {t.format(d) for d in cfg.resolved_distractors() for t in templates[:n]}
+    return 2 + len(prompts)
 
 
 def n_checkpoints(cfg: EraseConfig, steps: int | None = None) -> int:

@@ -34,6 +34,10 @@ SCORER_NAMES = ("diffusion", "toy", "clip")
 # judged) or "probe" (erase and retain both from the judged probe images of every probe concept); each in words
 CALIBRATION_SIGNALS = {"self": "the erased model's own verdict", "probe": "judged probe images"}
 PRECISIONS = ("float32", "bfloat16", "float16")
+# the retain anchor's form (engine/anchor.py): "output" (the erased model's predictions on retain prompts against the
+# frozen model's, over retain images: any layers) or "text" (the LoRA's own output on the retain prompts' tokens:
+# layers that read the prompt alone, no denoiser forward a step)
+RETAIN_ANCHORS = ("output", "text")
 # the learning rate over a run (engine/train.py): "cosine" decays it to 0 by the last step, "constant" keeps it
 LR_SCHEDULES = ("cosine", "constant")
 # attacks on an erasure (attacks/): concept inversion, prompt prefix (UnlearnDiffAtk), concept vector

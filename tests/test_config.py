@@ -74,11 +74,18 @@ def test_concept_as_its_own_distractor():
         ("localize_mass", 0.0, "(0, 1]"),
         ("localize_batches", 0, ">= 1"),
         ("lr_schedule", "linear", "cosine, constant"),
+        ("retain_anchor", "weights", "output, text"),
     ],
 )
 def test_bad_values_name_the_field(field, value, needle):
     e = err(**{field: value})
     assert e.field == field and needle in str(e)
+
+
+def test_the_text_anchor_is_refused_where_localization_would_try_self_attention():
+    e = err(retain_anchor="text", localize_attention="self")
+    assert e.field == "retain_anchor" and "localize_attention='cross'" in str(e)
+    EraseConfig(concepts=["cat"], retain_anchor="text", localize_attention="self", use_retain=False)  # no anchor
 
 
 def test_all_terms_off_is_refused():

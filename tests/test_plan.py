@@ -60,6 +60,12 @@ CASES = {
     "calibration, retain prompts, no guidance, checkpoint every 4": dict(
         blocks="cross-attn-kv", retain_prompts=["a red square", "a blue ring"], guidance=1.0, checkpoint_every=4
     ),
+    # the "text" retain anchor: no denoiser forward a step, one per retain prompt (and 2) once a run
+    "text retain anchor, gradient localization": dict(retain_anchor="text", w_retain=1.0, localize_first_fit=False,
+                                                      localize_method="gradient", localize_batches=2),
+    "text retain anchor, retain prompts (no image drawn for them)": dict(
+        blocks="cross-attn-kv", retain_prompts=["a red square", "a blue ring"], retain_anchor="text", w_retain=1.0
+    ),
     # too weak to erase: no checkpoint reaches the threshold, so 4 steps more are trained and calibrated
     "not erased: extended": dict(blocks="cross-attn-kv", lr=1e-7, extend_steps=4),
     # training stops at the first checkpoint the erased model's own verdict reads as erased (judged from step 4 on)

@@ -8,6 +8,7 @@ import torch
 from surgun_core.backends.base import cond_cat
 from surgun_core.cache import ImageCache
 from surgun_core.config import EraseConfig
+from surgun_core.engine.anchor import TextAnchor
 from surgun_core.engine.data import generate_concept_images
 from surgun_core.engine.train import StepBatch, _same_template, surgun_backward, surgun_loss, train_delta
 from surgun_core.lora import LoRASet
@@ -57,6 +58,34 @@ def test_two_part_backward_equals_one_expression(retain_rows):
     for a, p in zip(two_part, params):
         assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7), (a - p.grad).abs().max()
     assert any(a.abs().sum() > 0 for a in two_part)
+    lset.detach()
+
+
+def test_two_part_backward_with_the_text_anchor_equals_one_expression():
+    backend = tiny_backend("sd1")
+    cfg = EraseConfig(concepts=["cat"], w_retain=3.0, retain_anchor="text")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lset = LoRASet(backend.lora_targets(r"attn2\.(to_k|to_v)$"), rank=2, alpha=2.0).attach()
+    for p in lset.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    anchor = TextAnchor(backend, lset, ["a dog", "a red ring"])
+    b = _batch(backend, torch.Generator().manual_seed(0))
+    b.x_R = b.c_R = b.noise_R = None  # the text anchor draws no retain rows
+    params = list(lset.parameters())
+    m0 = backend.meter.snapshot()
+    L, *_ = surgun_backward(backend, cfg, lset, b, anchor)
+    assert sum(backend.meter.since(m0).values()) == 3 * 2 * len(b.x_T)  # target and distractor rows only
+    two_part = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    per = backend.loss(torch.cat([b.x_T, b.x_D]), cond_cat([b.c_T, b.c_T]), torch.cat([b.noise_T, b.noise_D]),
+                       torch.cat([b.t, b.t]))  # fmt: skip
+    L_one, _ = surgun_loss(cfg, per[:2].mean(), per[2:].mean(), anchor(lset))
+    L_one.backward()
+    assert torch.allclose(L, L_one.detach(), rtol=1e-5, atol=1e-7)
+    for a, p in zip(two_part, params):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7), (a - p.grad).abs().max()
     lset.detach()
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .. import lora, meter, objectives, recipes, sampling, surgun
 from ..cache import ImageCache
 from ..demo import toy_config
-from ..engine import calibrate, data, learn_tokens, localize, robust, saliency, train
+from ..engine import anchor, calibrate, data, learn_tokens, localize, robust, saliency, train
 from ..engine.localize import clear_memory_cache
 from ..errors import ConfigError
 from ..judges import checkpoint, probe, scorers
@@ -46,14 +46,17 @@ ABLATIONS: dict[str, dict] = {
     "surgun-no-localization": {"blocks": "cross-attn-kv"},
     "surgun-no-calibration": {"calibrate": False},
     "surgun-robust": {"robust": True},  # robust mode: the recipe's robust settings and the adversary (robust.py)
+    # the retain anchor on the prompts' tokens (engine/anchor.py, "text"): no denoiser forward a step; weight 1 is
+    # about the output anchor's 300 in pull (README, method section, "The retain anchor on the prompts' tokens")
+    "surgun-text-anchor": {"retain_anchor": "text", "w_retain": 1.0},
 }
 # each baseline at the best setting of its recorded sweep (sweep.py), beside the paper's setting
 TUNED = {f"{b}-tuned": b for b in ("esd-x", "esd-u", "ca")}
 METHODS = [*ABLATIONS, *BASELINES, *TUNED]
 MAIN_METHODS = ["surgun", *BASELINES]
 # the code each family of methods runs (its source is part of method_signature)
-_SURGUN_CODE = (surgun, train, localize, saliency, calibrate, checkpoint, probe, scorers, data, lora, objectives,
-                sampling, recipes, meter, robust, learn_tokens)  # fmt: skip
+_SURGUN_CODE = (surgun, train, anchor, localize, saliency, calibrate, checkpoint, probe, scorers, data, lora,
+                objectives, sampling, recipes, meter, robust, learn_tokens)  # fmt: skip
 _BASELINE_CODE = (_common, objectives, sampling, meter)
 
 

@@ -4,7 +4,8 @@ L_T = l(X_T, c_T)                    target images under the target prompt      
 L_D = l(X_D, c_T)                    distractor images under the TARGET prompt  (pushed down)
 L_C = max(log(L_D + d) - log(L_T + d), -cap)   log contrast: ascent whose push fades as L_T grows, and
                                      stops once the target has lost the competition (L_T >= e^cap * L_D)
-L_R = |f(x_t, t, c_R) - f0(x_t, t, c_R)|^2   retain anchor against the frozen model
+L_R = |f(x_t, t, c_R) - f0(x_t, t, c_R)|^2   retain anchor against the frozen model ("output"), or for layers
+                                     that read the prompt alone |dW u_R|^2 / |W u_R|^2 ("text", anchor.py)
 L   = -w_A L_T + w_D L_D + w_C L_C + w_R L_R   (each term switchable in EraseConfig)
 
 Robust mode conditions some target rows on the adversary's prompt (robust.py); the target/distractor part of L
@@ -30,6 +31,7 @@ from ..concepts import templates_for
 from ..config import EraseConfig
 from ..errors import Cancelled, ConfigError
 from ..lora import LoRASet
+from .anchor import TextAnchor, output_anchor
 from .data import CondBank, generate_concept_images
 from .robust import Adversary
 
@@ -116,12 +118,16 @@ def train_delta(
         X_T = gen(cfg.concepts, 0)
         X_D = gen(distractors, 1) if distractors else None
         X_R = None
-        if cfg.use_retain:
+        if cfg.use_retain and cfg.retain_anchor == "text" and cfg.retain_prompts:  # prompts alone: no image drawn
+            X_R = _PromptsOnly(list(cfg.retain_prompts))
+        elif cfg.use_retain:
             X_R = _retain_images(backend, cfg, cache) if cfg.retain_prompts else X_D
             if X_R is None:
                 raise ConfigError("retain_prompts", "use_retain needs retain_prompts or distractors")
     R_prompts = _retain_prompt_table(cfg, X_R) if cfg.use_retain else None  # per retain image: its prompts
-    bank = CondBank(backend, X_T.prompts + ([p for ps in R_prompts for p in ps] if cfg.use_retain else []))
+    text_anchor = cfg.use_retain and cfg.retain_anchor == "text"
+    bank = CondBank(backend, X_T.prompts + ([p for ps in R_prompts for p in ps] if cfg.use_retain and not text_anchor
+                                            else []))  # fmt: skip
 
     # 2. LoRA on the chosen attention layers; the base stays frozen (no grads, no optimizer state).
     with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights come from the seed too
@@ -129,6 +135,11 @@ def train_delta(
         lset = LoRASet(targets, cfg.rank, cfg.alpha).attach()
     if init_state is not None:
         lset.restore(init_state)
+    anchor = None
+    if text_anchor:  # the layers' inputs for every retain prompt, captured once (anchor.py)
+        with backend.meter.phase("training"):
+            anchor = TextAnchor(backend, lset, list(dict.fromkeys(p for ps in R_prompts for p in ps)),
+                                cfg.sample_batch_size)  # fmt: skip
     params = list(lset.parameters())
     adversary = Adversary(backend, cfg, X_T, init_adversary) if cfg.robust else None  # robust mode's attacker
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -169,7 +180,7 @@ def train_delta(
                     idd = pool[torch.randint(0, len(pool), (B,), generator=g)]
                 batch.x_D = X_D.x0[idd].to(dev, backend.dtype)
                 batch.noise_D = torch.randn(batch.x_D.shape, generator=g).to(batch.x_D)
-            if cfg.use_retain:
+            if cfg.use_retain and anchor is None:
                 ir = torch.randint(0, len(X_R.prompts), (cfg.retain_rows,), generator=g)
                 batch.x_R = X_R.x0[ir].to(dev, backend.dtype)
                 n = len(R_prompts[0])  # one prompt an image unless retain_templates: then one drawn per row
@@ -177,7 +188,7 @@ def train_delta(
                 batch.c_R = bank.batch([R_prompts[i][j] for i, j in zip(ir.tolist(), pick)])
                 batch.noise_R = torch.randn(batch.x_R.shape, generator=g).to(batch.x_R)
             opt.zero_grad(set_to_none=True)
-            L, L_T, L_D, L_C, L_R = surgun_backward(backend, cfg, lset, batch)
+            L, L_T, L_D, L_C, L_R = surgun_backward(backend, cfg, lset, batch, anchor)
             if not torch.isfinite(L):
                 result.stopped = f"non-finite loss at step {step + 1}; kept the LoRA of step {step}"
                 log.warning(result.stopped)
@@ -242,8 +253,11 @@ class StepBatch:
         return [slice(0, B - n), slice(B - n, B)] if 0 < n < B else [slice(0, B)]
 
 
-def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBatch):
+def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBatch,
+                    anchor: TextAnchor | None = None):  # fmt: skip
     """The forwards of one step and the backward of L into the LoRA's gradients. Returns (L, L_T, L_D, L_C, L_R).
+
+    L_R: `anchor` (the "text" retain anchor) when given, else the "output" anchor over the batch's retain rows.
 
     The backward runs in two parts so fewer activation graphs are alive at once (memory): L is linear in
     L_R, so the target/distractor part goes first, then the retain term's own forward and backward.
@@ -263,7 +277,12 @@ def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBa
     if torch.isfinite(L_TD) and L_TD.requires_grad:
         L_TD.backward()
     L_T, L_D = per_T.mean().detach(), per_D.mean().detach()
-    L_R = _retain_term(backend, lset, b.x_R, b.c_R, b.t[: len(b.x_R)], b.noise_R) if b.x_R is not None else zero
+    if anchor is not None:
+        L_R = anchor(lset)
+    elif b.x_R is not None:
+        L_R = output_anchor(backend, lset, b.x_R, b.c_R, b.t[: len(b.x_R)], b.noise_R)
+    else:
+        L_R = zero
     L_all, L_C = surgun_loss(cfg, L_T, L_D, L_R)  # the one expression over the whole batch
     L_Rpart = L_all - surgun_loss(cfg, L_T, L_D, zero)[0]  # its retain part: L(T, D, R) - L(T, D, 0), T and D held
     if torch.isfinite(L_Rpart) and L_Rpart.requires_grad:
@@ -272,22 +291,19 @@ def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBa
     return L, L_T, L_D, L_C, L_R.detach()  # L_C is of detached terms already
 
 
-def _retain_term(backend, lset, x0, cond, t, noise):
-    """|f(x_t, t, c_R) - f0(x_t, t, c_R)|^2: the LoRA must not change predictions on retain prompts."""
-    obj = backend.objective
-    x_t = obj.noisy(x0, noise, t.to(x0.device))
-    tm = obj.model_time(t).to(x0.device)
-    with torch.no_grad(), lset.disabled():
-        ref = backend.predict(x_t, tm, cond).float()
-    return ((backend.predict(x_t, tm, cond).float() - ref) ** 2).mean()
-
-
 def _same_template(X_D, concept: int, X_T, i: int) -> torch.Tensor:
     """The index of distractor `concept`'s image drawn in the phrasing of target image i (the same place in the
     templates' cycle: generate_concept_images cycles every concept's images through the templates alike)."""
     place = int((X_T.of(int(X_T.concept[i])) < i).sum())
     own = X_D.of(concept)
     return own[place % len(own)]
+
+
+@dataclass
+class _PromptsOnly:
+    """User retain prompts under the text anchor: their prompts, no images (the anchor draws none)."""
+
+    prompts: list[str]
 
 
 def _retain_prompt_table(cfg: EraseConfig, X_R) -> list[list[str]]:
