@@ -157,18 +157,13 @@ class EraseConfig:
                 raise ConfigError(
                     "distractors", f"{same[0]!r} is also a concept to erase; a concept cannot be its own distractor"
                 )
-        if self.templates is not None:
-            self.templates = _clean_list("templates", self.templates, allow_empty=False)
-            bad = [t for t in self.templates if t.count("{}") != 1]
-            if bad:
-                raise ConfigError("templates", f"{bad[0]!r} must contain exactly one '{{}}' where the concept goes")
-        for name in ("probe_templates", "retain_templates"):
+        for name in ("templates", "probe_templates", "retain_templates"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, _clean_list(name, value, allow_empty=False))
                 bad = [t for t in getattr(self, name) if t.count("{}") != 1]
                 if bad:
-                    raise ConfigError(name, f"{bad[0]!r} must contain exactly one '{{}}' for the concept")
+                    raise ConfigError(name, f"{bad[0]!r} must contain exactly one '{{}}' where the concept goes")
         if self.retain_templates:  # the anchor must not hold what is erased ("a photo of a red {}" erasing "red")
             words = [re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in self.concepts]
             named = [t for t in self.retain_templates if any(w.search(t) for w in words)]
@@ -249,7 +244,7 @@ class EraseConfig:
         if self.retain_anchor not in RETAIN_ANCHORS:
             raise ConfigError("retain_anchor", f"unknown {self.retain_anchor!r}; choose one of "
                               f"{', '.join(RETAIN_ANCHORS)}")  # fmt: skip
-        if self.use_retain and self.retain_anchor == "text" and self.localizes and self.localize_attention != "cross":
+        if self.anchors_text and self.localizes and self.localize_attention != "cross":
             raise ConfigError("retain_anchor", f"'text' anchors layers that read the prompt alone, but localization "
                               f"would try {self.localize_attention!r} attention; use localize_attention='cross' or "
                               "retain_anchor='output'")  # fmt: skip
@@ -278,6 +273,11 @@ class EraseConfig:
     @property
     def localizes(self) -> bool:  # blocks="auto": erase() localizes the blocks to train
         return self.blocks.strip() == AUTO_BLOCKS
+
+    @property
+    def anchors_text(self) -> bool:
+        """Whether the retain anchor is on and in text form (engine/anchor.py: no retain rows, no retain images)."""
+        return self.use_retain and self.retain_anchor == "text"
 
     @property
     def fits_widest_first(self) -> bool:

@@ -53,8 +53,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 from .backends.base import Backend
-from .concepts import templates_for
 from .config import EraseConfig
+from .engine.anchor import anchor_prompts
 from .engine.localize import candidate_groups
 from .judges.checkpoint import calibration_probe
 from .judges.probe import judge_for, needs_judge, probe_set
@@ -279,7 +279,7 @@ def outcome_of(backend: Backend, cfg: EraseConfig, result) -> dict:
 def training_images(cfg: EraseConfig) -> int:
     """Images the frozen model draws for training (engine/train.train_delta): targets, distractors, retain."""
     n = len(cfg.concepts) * cfg.images_per_concept + len(cfg.resolved_distractors()) * cfg.images_per_concept
-    if cfg.use_retain and cfg.retain_prompts and cfg.retain_anchor == "output":  # their own images (train.py)
+    if cfg.use_retain and cfg.retain_prompts and not cfg.anchors_text:  # their own images (train._retain_images)
         n += len(cfg.retain_prompts) * max(2, cfg.images_per_concept // 4)
     return n
 
@@ -288,7 +288,7 @@ def step_forwards(cfg: EraseConfig) -> int:
     """Sample-forwards of one training step (engine/train.surgun_backward), a backward counting 2."""
     B = cfg.batch_size
     n = 3 * B * (2 if cfg.use_distractors or cfg.use_contrast else 1)  # target (+ distractor) batch, backward
-    if cfg.use_retain and cfg.retain_anchor == "output":
+    if cfg.use_retain and not cfg.anchors_text:
         R = cfg.retain_rows
         n += R + 3 * R  # the frozen reference (no grad), then the LoRA's forward with its backward
     return n  # the "text" anchor runs no denoiser forward a step (anchor_forwards: once a run)
@@ -297,17 +297,7 @@ def step_forwards(cfg: EraseConfig) -> int:
 def anchor_forwards(cfg: EraseConfig) -> int:
     """Sample-forwards a training run spends on the "text" retain anchor's inputs (engine/anchor.TextAnchor): two
     for the first prompt (the check that the layers read the prompt alone), then one for each retain prompt."""
-    if not (cfg.use_retain and cfg.retain_anchor == "text"):
-        return 0
-    if cfg.retain_prompts:
-        prompts = set(cfg.retain_prompts)
-    elif cfg.retain_templates:
-        prompts = {t.format(d) for d in cfg.resolved_distractors() for t in cfg.retain_templates}
-    else:  # the distractors' images' own prompts: the templates cycled over images_per_concept images
-        templates = cfg.templates or list(templates_for(cfg.kind))
-        n = min(cfg.images_per_concept, len(templates))
-        prompts = {t.format(d) for d in cfg.resolved_distractors() for t in templates[:n]}
-    return 2 + len(prompts)
+    return 2 + len(anchor_prompts(cfg)) if cfg.anchors_text else 0
 
 
 def n_checkpoints(cfg: EraseConfig, steps: int | None = None) -> int:

@@ -10,7 +10,7 @@ from surgun_core.cache import ImageCache
 from surgun_core.config import EraseConfig
 from surgun_core.engine.anchor import TextAnchor
 from surgun_core.engine.data import generate_concept_images
-from surgun_core.engine.train import StepBatch, _same_template, surgun_backward, surgun_loss, train_delta
+from surgun_core.engine.train import StepBatch, _same_template_table, surgun_backward, surgun_loss, train_delta
 from surgun_core.lora import LoRASet
 from surgun_core.testing import tiny_backend
 
@@ -177,9 +177,10 @@ def test_a_distractor_row_is_drawn_in_its_target_rows_phrasing():
     templates = ["a {}", "a photo of a {}", "a {} at night"]
     draw = lambda names, seed: generate_concept_images(backend, names, templates, 4, seed, 2, 1.0, ImageCache(None))  # noqa: E731
     X_T, X_D = draw(["cat"], 0), draw(["dog", "bird"], 1)
+    table = _same_template_table(X_D, X_T)
     for i, prompt in enumerate(X_T.prompts):
         for w, name in enumerate(X_D.names):
-            assert X_D.prompts[int(_same_template(X_D, w, X_T, i))] == prompt.replace("cat", name)
+            assert X_D.prompts[int(table[i, w])] == prompt.replace("cat", name)
     cfg = EraseConfig(concepts=["cat"], distractors=["dog", "bird"], templates=templates, steps=2, batch_size=2,
                       images_per_concept=3, sample_steps=2, distractor_same_template=True)  # fmt: skip
     res = train_delta(backend, cfg, r"attn2\.(to_k|to_v)$", cache=ImageCache(None))

@@ -18,10 +18,27 @@ from __future__ import annotations
 import torch
 
 from ..backends.base import Backend
+from ..concepts import expand, templates_for
+from ..config import EraseConfig
 from ..errors import ConfigError
 from ..lora import LoRASet
 
 INPUT_TOLERANCE = 1e-4  # relative difference under which a layer's input counts as the same at two x_t and t
+
+
+def anchor_prompts(cfg: EraseConfig) -> list[str]:
+    """The prompts the "text" anchor holds, each once: the user's retain prompts; else every distractor in each of
+    retain_templates; else the distractors' training images' own prompts (the templates cycled over
+    images_per_concept images, engine/data.generate_concept_images)."""
+    distractors = cfg.resolved_distractors()
+    if cfg.retain_prompts:
+        prompts = cfg.retain_prompts
+    elif cfg.retain_templates:
+        prompts = [t.format(d) for d in distractors for t in cfg.retain_templates]
+    else:
+        templates = cfg.templates or list(templates_for(cfg.kind))
+        prompts = [p for d in distractors for p in expand(templates, d)[: cfg.images_per_concept]]
+    return list(dict.fromkeys(prompts))
 
 
 def output_anchor(backend: Backend, lset: LoRASet, x0, cond, t, noise) -> torch.Tensor:
@@ -45,10 +62,9 @@ class TextAnchor:
     def __init__(self, backend: Backend, lset: LoRASet, prompts: list[str], batch_size: int = 8) -> None:
         if not prompts:
             raise ConfigError("retain_prompts", "the text retain anchor needs at least one retain prompt")
-        self.names = list(lset.names)
         a = self._capture(backend, lset, prompts[:1], seed=1, t=0.25)
         b = self._capture(backend, lset, prompts[:1], seed=2, t=0.75)
-        moved = [n for n in self.names if not _same(a[n], b[n])]
+        moved = [n for n in lset.names if not _same(a[n], b[n])]
         if moved:
             raise ConfigError("retain_anchor", f"'text' anchors layers that read the prompt alone (cross-attention "
                               f"K/V), but {len(moved)} of the chosen layers read the image too (e.g. {moved[0]}); "
@@ -57,7 +73,7 @@ class TextAnchor:
         self.which: dict[str, int] = {}
         rows = [self._capture(backend, lset, prompts[i : i + batch_size], seed=3, t=0.5)
                 for i in range(0, len(prompts), batch_size)]  # fmt: skip
-        for name in self.names:
+        for name in lset.names:
             u = torch.cat([r[name] for r in rows])
             same = next((i for i, v in enumerate(self.inputs) if v.shape == u.shape and torch.equal(v, u)), None)
             if same is None:

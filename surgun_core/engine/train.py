@@ -31,7 +31,7 @@ from ..concepts import templates_for
 from ..config import EraseConfig
 from ..errors import Cancelled, ConfigError
 from ..lora import LoRASet
-from .anchor import TextAnchor, output_anchor
+from .anchor import TextAnchor, anchor_prompts, output_anchor
 from .data import CondBank, generate_concept_images
 from .robust import Adversary
 
@@ -118,16 +118,12 @@ def train_delta(
         X_T = gen(cfg.concepts, 0)
         X_D = gen(distractors, 1) if distractors else None
         X_R = None
-        if cfg.use_retain and cfg.retain_anchor == "text" and cfg.retain_prompts:  # prompts alone: no image drawn
-            X_R = _PromptsOnly(list(cfg.retain_prompts))
-        elif cfg.use_retain:
+        if cfg.use_retain and not cfg.anchors_text:  # the text anchor needs the prompts alone (anchor_prompts)
             X_R = _retain_images(backend, cfg, cache) if cfg.retain_prompts else X_D
             if X_R is None:
                 raise ConfigError("retain_prompts", "use_retain needs retain_prompts or distractors")
-    R_prompts = _retain_prompt_table(cfg, X_R) if cfg.use_retain else None  # per retain image: its prompts
-    text_anchor = cfg.use_retain and cfg.retain_anchor == "text"
-    bank = CondBank(backend, X_T.prompts + ([p for ps in R_prompts for p in ps] if cfg.use_retain and not text_anchor
-                                            else []))  # fmt: skip
+    R_prompts = _retain_prompt_table(cfg, X_R) if X_R is not None else None  # per retain image: its prompts
+    bank = CondBank(backend, X_T.prompts + ([p for ps in R_prompts for p in ps] if R_prompts else []))
 
     # 2. LoRA on the chosen attention layers; the base stays frozen (no grads, no optimizer state).
     with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights come from the seed too
@@ -136,12 +132,12 @@ def train_delta(
     if init_state is not None:
         lset.restore(init_state)
     anchor = None
-    if text_anchor:  # the layers' inputs for every retain prompt, captured once (anchor.py)
+    if cfg.anchors_text:  # the layers' inputs for every retain prompt, captured once (anchor.py)
         with backend.meter.phase("training"):
-            anchor = TextAnchor(backend, lset, list(dict.fromkeys(p for ps in R_prompts for p in ps)),
-                                cfg.sample_batch_size)  # fmt: skip
+            anchor = TextAnchor(backend, lset, anchor_prompts(cfg), cfg.sample_batch_size)
     params = list(lset.parameters())
     adversary = Adversary(backend, cfg, X_T, init_adversary) if cfg.robust else None  # robust mode's attacker
+    same_template = _same_template_table(X_D, X_T) if cfg.distractor_same_template and X_D is not None else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = None
     if cfg.lr_schedule == "cosine":  # to 0 at the last step: the run ends settled
@@ -174,13 +170,13 @@ def train_delta(
                 chosen = torch.randperm(len(X_D.names), generator=g)[:k]
                 if cfg.distractor_same_template:  # each row: a chosen distractor's image drawn in its row's phrasing
                     who = chosen[torch.randint(0, len(chosen), (B,), generator=g)]
-                    idd = torch.stack([_same_template(X_D, int(w), X_T, int(i)) for w, i in zip(who, it)])
+                    idd = same_template[it, who]
                 else:
                     pool = torch.cat([X_D.of(int(i)) for i in chosen])
                     idd = pool[torch.randint(0, len(pool), (B,), generator=g)]
                 batch.x_D = X_D.x0[idd].to(dev, backend.dtype)
                 batch.noise_D = torch.randn(batch.x_D.shape, generator=g).to(batch.x_D)
-            if cfg.use_retain and anchor is None:
+            if X_R is not None:
                 ir = torch.randint(0, len(X_R.prompts), (cfg.retain_rows,), generator=g)
                 batch.x_R = X_R.x0[ir].to(dev, backend.dtype)
                 n = len(R_prompts[0])  # one prompt an image unless retain_templates: then one drawn per row
@@ -291,19 +287,17 @@ def surgun_backward(backend: Backend, cfg: EraseConfig, lset: LoRASet, b: StepBa
     return L, L_T, L_D, L_C, L_R.detach()  # L_C is of detached terms already
 
 
-def _same_template(X_D, concept: int, X_T, i: int) -> torch.Tensor:
-    """The index of distractor `concept`'s image drawn in the phrasing of target image i (the same place in the
-    templates' cycle: generate_concept_images cycles every concept's images through the templates alike)."""
-    place = int((X_T.of(int(X_T.concept[i])) < i).sum())
-    own = X_D.of(concept)
-    return own[place % len(own)]
-
-
-@dataclass
-class _PromptsOnly:
-    """User retain prompts under the text anchor: their prompts, no images (the anchor draws none)."""
-
-    prompts: list[str]
+def _same_template_table(X_D, X_T) -> torch.Tensor:
+    """(target image i, distractor w) -> the index of w's image drawn in the phrasing of target image i (the same
+    place in the templates' cycle: generate_concept_images cycles every concept's images through the templates
+    alike)."""
+    table = torch.empty(len(X_T.prompts), len(X_D.names), dtype=torch.long)
+    for c in range(len(X_T.names)):
+        for place, i in enumerate(X_T.of(c).tolist()):
+            for w in range(len(X_D.names)):
+                own = X_D.of(w)
+                table[i, w] = own[place % len(own)]
+    return table
 
 
 def _retain_prompt_table(cfg: EraseConfig, X_R) -> list[list[str]]:
