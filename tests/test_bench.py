@@ -131,3 +131,24 @@ def test_robust_row_runs_the_recipes_robust_mode():
     assert not plain["erase_config"]["robust"] and plain["erase_config"]["blocks"] == "auto"
     assert robust["code"] == plain["code"]  # one digest over the SurgUn code, the adversary's among it
     assert {engine.robust, engine.learn_tokens} <= set(methods._SURGUN_CODE)
+
+
+@pytest.mark.slow
+def test_the_agreement_judge_is_the_base_model(tmp_path, monkeypatch):
+    # the tool's judge scores drawn images with the base model (judges/probe.py's Judge context): the bench's
+    # agreement must judge the erased model's images the same way, not with its LoRA still attached
+    from surgun_core.benchmark import run as bench_run
+
+    real, seen = bench_run._agreement, []
+
+    def spy(judges, imgs, clf):  # the real judgement; records what the judge's model predicts on a fixed input
+        b = judges[0].backend
+        x = torch.randn((2, *b.latent_shape()), generator=torch.Generator().manual_seed(0))
+        seen.append(b.predict(x, b.objective.model_time(torch.tensor([100, 500])), b.encode(["a circle", "a red"])))
+        return real(judges, imgs, clf)
+
+    monkeypatch.setattr(bench_run, "_agreement", spy)
+    report = run_bench(["circle"], ["surgun"], seeds_per_pair=1, out_dir=tmp_path, overrides=TINY, sample_steps=4)
+    assert len(seen) == 2  # the base images, then the erased model's
+    torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)
+    assert report["diffusion_classifier_images"] == 2 * 2 * 25 * 2  # two image sets, 50 images, two attributes

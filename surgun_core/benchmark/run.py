@@ -116,8 +116,9 @@ def run_bench(concepts: list[str] | None = None, methods: list[str] | None = Non
     for ci, concept in enumerate(concepts):
         for mi, m in enumerate(methods):
             sig = method_signature(m, concept, quick=quick, overrides=overrides)
-            key = _record_key({**sig, "attacks": [attacks, attack_code()] if attacks else None}, backend, rows,
-                              sample_steps)  # fmt: skip
+            judged = {"agreement_judge": "base model"} if m == "surgun" else {}  # records judged otherwise: stale
+            key = _record_key({**sig, "attacks": [attacks, attack_code()] if attacks else None, **judged}, backend,
+                              rows, sample_steps)  # fmt: skip
             path = out / "runs" / concept / f"{m}.json"
             rec = None if fresh else _load_record(path, key)
             reused = rec is not None
@@ -174,10 +175,12 @@ def _run(m, backend, concept, before, clf, judges, rows, sample_steps, quick, pr
     forwards = backend.meter.since(metered)
     try:
         after = generate_toy(backend, rows, sample_steps)
-        agreement = _agreement(judges, after, clf) if m == "surgun" else None
         recovered = recovery(backend, concept, attacks, clf) if attacks else {}
     finally:
         run.undo()
+    # the judge is the base model, as where the tool judges drawn images (judges/probe.py's Judge context); until
+    # this release it judged with the erased LoRA still attached
+    agreement = _agreement(judges, after, clf) if m == "surgun" else None
     metrics = {**erase_metrics(before, after, clf, concept), **recovered, "forwards": sum(forwards.values()),
                "seconds": run.seconds, "peak_mem_mb": mem.peak_mb}  # fmt: skip
     cal = run.calibration.to_dict() if run.calibration is not None else None
