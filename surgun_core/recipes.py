@@ -16,6 +16,7 @@ from .concepts import templates_for
 from .config import EraseConfig
 from .errors import ConfigError
 from .objectives import FlowObjective
+from .registry import AUTO_BLOCKS
 from .toyworld.paths import ARCHITECTURE as TOY_ARCHITECTURE
 from .toyworld.world import COLOURS, FULL_TEMPLATES, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
 
@@ -53,13 +54,20 @@ def _composed(kind: str, others: tuple[str, ...]) -> list[str]:
 # blue 120 steps against 48). Colours: their training phrasings never named a shape, and "a purple circle" stayed
 # purple (UA 0.90 at 168 steps); trained beside each shape too, purple erased (UA 1.00) at 132. With such phrasings a
 # distractor row's image is drawn in its target row's phrasing (distractor_same_template): a red square under
-# "a photo of a purple circle" had purple circles lose their shape (0.65 kept it, 1.00 with the same phrasing)
+# "a photo of a purple circle" had purple circles lose their shape (0.65 kept it, 1.00 with the same phrasing).
+# Colours' retain anchor is on the prompts' tokens (engine/anchor.py; no denoiser forward a step): one run per colour
+# (ground truth, the benchmark's 100 images) at weight 4, every colour H 1.00 at step 24 (6,796-8,196 forwards;
+# 9,040-19,600 with the output anchor), at 8 the four tried too; at 1 and 2 purple shipped step 12 (UA 0.95, 0.65).
+# On shapes it missed "a <colour> square" (UA 0.35): shapes keep the output anchor (README, "The retain anchor on
+# the prompts' tokens"). The weight is measured on the toy world only
+TOY_TEXT_ANCHOR = {"retain_anchor": "text", "w_retain": 4.0}
 TOY_PLAIN_BY_KIND = {
     "object": {"retain_templates": toy_templates("object") + _composed("object", COLOURS)},
     # one image a phrasing (16 a concept): beside every shape in two phrasings, circle and square in the third
     "style": {
         "templates": (toy_templates("style") + _composed("style", SHAPES))[:16],
         "distractor_same_template": True,
+        **TOY_TEXT_ANCHOR,
     },
 }
 
@@ -93,6 +101,8 @@ class Recipe:
     robust: dict = field(default_factory=lambda: dict(ROBUST))
     robust_by_kind: dict = field(default_factory=dict)  # robust settings of one concept kind ("object", "style")
     plain_by_kind: dict = field(default_factory=dict)  # settings of one concept kind in plain mode only
+    # w_retain of the text anchor (|dW u|^2 / |W u|^2, a relative measure) where the user picks it without a weight
+    text_anchor_weight: float = TOY_TEXT_ANCHOR["w_retain"]
 
     def settings_for(self, kind: str, concepts: list[str], robust: bool = False) -> dict:
         extra = self.per_concepts(kind, concepts) if self.per_concepts else {}
@@ -196,8 +206,34 @@ def recipe_settings(family: str, concepts: list[str], kind: str = "object", robu
     return {**get_recipe(family).settings_for(kind, concepts, robust), "concepts": list(concepts), "kind": kind}
 
 
+def _reads_prompt_alone(settings: dict) -> bool:
+    """Whether the layers these settings train read the prompt alone (the text anchor's condition): localization
+    over cross-attention K/V, or the cross-attention K/V preset."""
+    blocks = str(settings.get("blocks", AUTO_BLOCKS)).strip()
+    if blocks == AUTO_BLOCKS:
+        return settings.get("localize_attention", "cross") == "cross"
+    return blocks == "cross-attn-kv"
+
+
+def merge_settings(family: str, recipe: dict, user: dict) -> dict:
+    """The recipe's EraseConfig settings, then the user's, with a retain anchor the trained layers allow.
+
+    The recipe's text anchor stands only where every trained layer reads the prompt alone: a user who trains other
+    layers (blocks, localize_attention) gets the output anchor at the recipe's weight for it. A user who picks
+    an anchor without a weight gets the recipe's weight for that anchor (the two measure different things).
+    """
+    out = {**recipe, **user}
+    was = recipe.get("retain_anchor", "output")
+    if was == "text" and "retain_anchor" not in user and not _reads_prompt_alone(out):
+        out["retain_anchor"] = "output"
+    now = out.get("retain_anchor", "output")
+    if now != was and "w_retain" not in user:
+        r = get_recipe(family)
+        out["w_retain"] = r.text_anchor_weight if now == "text" else r.settings.get("w_retain", EraseConfig.w_retain)
+    return out
+
+
 def recipe_config(family: str, concepts: list[str], kind: str = "object", **user) -> EraseConfig:
     """EraseConfig = the family's recipe, then what the user set (None values mean "not set")."""
     settings = recipe_settings(family, concepts, kind, robust=bool(user.get("robust")))
-    settings.update({k: v for k, v in user.items() if v is not None})
-    return EraseConfig.from_dict(settings)
+    return EraseConfig.from_dict(merge_settings(family, settings, {k: v for k, v in user.items() if v is not None}))

@@ -26,7 +26,7 @@ from surgun_core.config import EraseConfig, parse_list
 from surgun_core.errors import Cancelled, ConfigError, SurgUnError
 from surgun_core.judges.probe import judge_for, probe_set, score_probe
 from surgun_core.lora import LoraDelta
-from surgun_core.recipes import family_of, recipe_settings
+from surgun_core.recipes import family_of, merge_settings, recipe_settings
 from surgun_core.registry import ATTACK_NAMES
 from surgun_core.surgun import Progress, erase
 
@@ -94,8 +94,8 @@ class EraseRequest:
         if not concepts:
             raise ConfigError("concepts", "name at least one concept to erase, e.g. 'circle' (one per line or comma)")
         kind = host.kind_for(concepts, self.kind)
-        settings = preset_settings(self.preset, recipe_settings(host.recipe(), concepts, kind, self.robust))
-        settings.update(calibrate=self.calibrate, seed=int(self.seed))
+        recipe = preset_settings(self.preset, recipe_settings(host.recipe(), concepts, kind, self.robust))
+        settings = dict(calibrate=self.calibrate, seed=int(self.seed))  # what the form sets
         if (self.blocks or "auto") != "auto" or not self.robust:  # robust mode keeps its recipe's wider blocks
             settings["blocks"] = self.blocks or "auto"
         distractors = parse_list(self.distractors)
@@ -106,7 +106,7 @@ class EraseRequest:
                 raise ConfigError(key, f"must be 0 (the preset's value) or positive, got {value}")
             if value:
                 settings[key] = int(value) if key in ("steps", "rank") else float(value)
-        return EraseConfig(**settings)
+        return EraseConfig(**merge_settings(host.recipe(), recipe, settings))
 
     def file_name(self) -> str:
         name = self.lora_name.strip() or "surgun-" + "-".join(parse_list(self.concepts)[:2])

@@ -91,7 +91,31 @@ def test_robust_settings_can_depend_on_the_concept_kind():
     assert recipe_config("toy", ["circle"], "object", robust=True).w_retain == 100.0
     assert recipe_config("toy", ["yellow"], "style", robust=True).w_retain == 30.0
     assert recipe_config("toy", ["yellow"], "style", robust=True, w_retain=50.0).w_retain == 50.0
-    assert recipe_config("toy", ["yellow"], "style").w_retain == 300.0  # plain mode keeps the plain recipe's anchor
+    plain = recipe_config("toy", ["yellow"], "style")  # plain mode: the colours' text anchor (the next test)
+    assert (plain.retain_anchor, plain.w_retain) == ("text", 4.0)
+
+
+def test_the_toy_recipe_anchors_colours_on_their_tokens_where_the_layers_read_the_prompt_alone():
+    # plain mode on a colour: the text anchor at its weight; shapes and robust mode: the output anchor at theirs
+    assert recipe_config("toy", ["circle"], "object").retain_anchor == "output"
+    assert recipe_config("toy", ["red"], "style", robust=True).retain_anchor == "output"
+    colour = recipe_config("toy", ["red"], "style", blocks="cross-attn-kv")
+    assert (colour.retain_anchor, colour.w_retain) == ("text", 4.0)
+    # layers that read the image as well: the output anchor at the recipe's weight for it, not a refusal
+    for other in ({"blocks": "all-attn"}, {"blocks": "attn2"}, {"localize_attention": "all"}):
+        cfg = recipe_config("toy", ["red"], "style", **other)
+        assert (cfg.retain_anchor, cfg.w_retain) == ("output", 300.0), other
+    assert recipe_config("toy", ["red"], "style", blocks="all-attn", w_retain=50.0).w_retain == 50.0  # the user's
+    # an anchor the user picks without a weight gets the recipe's weight for it; with one, the user's
+    assert recipe_config("toy", ["red"], "style", retain_anchor="output").w_retain == 300.0
+    assert recipe_config("toy", ["circle"], "object", retain_anchor="text").w_retain == 4.0
+    assert recipe_config("toy", ["circle"], "object", retain_anchor="text", w_retain=2.0).w_retain == 2.0
+    with pytest.raises(ConfigError, match="retain_anchor"):  # asked for by name: refused, not swapped
+        recipe_config("toy", ["red"], "style", retain_anchor="text", localize_attention="self")
+    # the tab's form goes through the same rule (its blocks field)
+    tab = EraseRequest(concepts="red", preset="balanced", blocks="all-attn").to_config(StandaloneHost())
+    assert (tab.retain_anchor, tab.w_retain) == ("output", 300.0)
+    assert EraseRequest(concepts="red", preset="balanced").to_config(StandaloneHost()).retain_anchor == "text"
 
 
 def test_the_toy_recipe_phrases_each_kind_beside_the_other_in_plain_mode_only():
