@@ -8,6 +8,7 @@ and every report name the recipe that ran (EraseConfig.recipe).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from .concepts import templates_for
 from .config import EraseConfig
 from .errors import ConfigError
 from .objectives import FlowObjective
-from .registry import AUTO_BLOCKS
+from .registry import AUTO_BLOCKS, BLOCK_PRESETS
 from .toyworld.paths import ARCHITECTURE as TOY_ARCHITECTURE
 from .toyworld.world import COLOURS, FULL_TEMPLATES, OBJECT_TEMPLATES, SHAPES, STYLE_TEMPLATES
 
@@ -101,8 +102,9 @@ class Recipe:
     robust: dict = field(default_factory=lambda: dict(ROBUST))
     robust_by_kind: dict = field(default_factory=dict)  # robust settings of one concept kind ("object", "style")
     plain_by_kind: dict = field(default_factory=dict)  # settings of one concept kind in plain mode only
-    # w_retain of the text anchor (|dW u|^2 / |W u|^2, a relative measure) where the user picks it without a weight
-    text_anchor_weight: float = TOY_TEXT_ANCHOR["w_retain"]
+    # w_retain of the text anchor (|dW u|^2 / |W u|^2, a relative measure) where the user picks it without a weight;
+    # None: not measured for this family, the user gives one (merge_settings says so)
+    text_anchor_weight: float | None = None
 
     def settings_for(self, kind: str, concepts: list[str], robust: bool = False) -> dict:
         extra = self.per_concepts(kind, concepts) if self.per_concepts else {}
@@ -160,6 +162,7 @@ RECIPES: dict[str, Recipe] = {
         robust=TOY_ROBUST,
         robust_by_kind=TOY_ROBUST_BY_KIND,
         plain_by_kind=TOY_PLAIN_BY_KIND,
+        text_anchor_weight=TOY_TEXT_ANCHOR["w_retain"],
     ),
     # EraseConfig's defaults are the SD recipe
     "sd1": Recipe("sd1", "Stable Diffusion 1.x / 2.x UNets (512-768 px)"),
@@ -206,13 +209,23 @@ def recipe_settings(family: str, concepts: list[str], kind: str = "object", robu
     return {**get_recipe(family).settings_for(kind, concepts, robust), "concepts": list(concepts), "kind": kind}
 
 
+# the Localize node's chosen layers as EraseConfig.blocks: "^(?:name|name...)$" (engine/localize.BlockGroup.pattern)
+_LAYER_LIST = re.compile(r"\^\(\?:(.*)\)\$")
+_PROMPT_ONLY_LAYERS = ("attn2.to_k", "attn2.to_v")  # what the cross-attn-kv preset matches
+
+
 def _reads_prompt_alone(settings: dict) -> bool:
     """Whether the layers these settings train read the prompt alone (the text anchor's condition): localization
-    over cross-attention K/V, or the cross-attention K/V preset."""
+    over cross-attention K/V, the cross-attention K/V preset (by name or pattern), or a list of such layers."""
     blocks = str(settings.get("blocks", AUTO_BLOCKS)).strip()
     if blocks == AUTO_BLOCKS:
         return settings.get("localize_attention", "cross") == "cross"
-    return blocks == "cross-attn-kv"
+    pattern = BLOCK_PRESETS.get(blocks, blocks)
+    if pattern == BLOCK_PRESETS["cross-attn-kv"]:
+        return True
+    listed = _LAYER_LIST.fullmatch(pattern)
+    names = [re.sub(r"\\(.)", r"\1", n) for n in listed[1].split("|")] if listed else []
+    return bool(names) and all(n.endswith(_PROMPT_ONLY_LAYERS) for n in names)
 
 
 def merge_settings(family: str, recipe: dict, user: dict) -> dict:
@@ -220,8 +233,10 @@ def merge_settings(family: str, recipe: dict, user: dict) -> dict:
 
     The recipe's text anchor stands only where every trained layer reads the prompt alone: a user who trains other
     layers (blocks, localize_attention) gets the output anchor at the recipe's weight for it. A user who picks
-    an anchor without a weight gets the recipe's weight for that anchor (the two measure different things).
+    an anchor without a weight gets the recipe's weight for that anchor (the two measure different things: the
+    toy recipe's are 300 and 4); a user's w_retain weighs the anchor in effect. None values mean "not set".
     """
+    user = {k: v for k, v in user.items() if v is not None}
     out = {**recipe, **user}
     was = recipe.get("retain_anchor", "output")
     if was == "text" and "retain_anchor" not in user and not _reads_prompt_alone(out):
@@ -229,6 +244,10 @@ def merge_settings(family: str, recipe: dict, user: dict) -> dict:
     now = out.get("retain_anchor", "output")
     if now != was and "w_retain" not in user:
         r = get_recipe(family)
+        if now == "text" and r.text_anchor_weight is None:
+            raise ConfigError("w_retain", f"the {family} recipe has no measured weight for retain_anchor='text'; "
+                              "give w_retain too (the toy world's is 4: the share of the layers' output on the "
+                              "retain prompts' tokens that the LoRA may change, squared)")  # fmt: skip
         out["w_retain"] = r.text_anchor_weight if now == "text" else r.settings.get("w_retain", EraseConfig.w_retain)
     return out
 
@@ -236,4 +255,4 @@ def merge_settings(family: str, recipe: dict, user: dict) -> dict:
 def recipe_config(family: str, concepts: list[str], kind: str = "object", **user) -> EraseConfig:
     """EraseConfig = the family's recipe, then what the user set (None values mean "not set")."""
     settings = recipe_settings(family, concepts, kind, robust=bool(user.get("robust")))
-    return EraseConfig.from_dict(merge_settings(family, settings, {k: v for k, v in user.items() if v is not None}))
+    return EraseConfig.from_dict(merge_settings(family, settings, user))

@@ -94,7 +94,8 @@ class EraseRequest:
         if not concepts:
             raise ConfigError("concepts", "name at least one concept to erase, e.g. 'circle' (one per line or comma)")
         kind = host.kind_for(concepts, self.kind)
-        recipe = preset_settings(self.preset, recipe_settings(host.recipe(), concepts, kind, self.robust))
+        family = host.recipe()
+        recipe = preset_settings(self.preset, recipe_settings(family, concepts, kind, self.robust))
         settings = dict(calibrate=self.calibrate, seed=int(self.seed))  # what the form sets
         if (self.blocks or "auto") != "auto" or not self.robust:  # robust mode keeps its recipe's wider blocks
             settings["blocks"] = self.blocks or "auto"
@@ -106,7 +107,7 @@ class EraseRequest:
                 raise ConfigError(key, f"must be 0 (the preset's value) or positive, got {value}")
             if value:
                 settings[key] = int(value) if key in ("steps", "rank") else float(value)
-        return EraseConfig(**merge_settings(host.recipe(), recipe, settings))
+        return EraseConfig(**merge_settings(family, recipe, settings))
 
     def file_name(self) -> str:
         name = self.lora_name.strip() or "surgun-" + "-".join(parse_list(self.concepts)[:2])

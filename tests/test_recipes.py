@@ -9,7 +9,7 @@ import pytest
 from surgun_core.cli import build_parser
 from surgun_core.commands.erase import erase_config, settings_from
 from surgun_core.errors import ConfigError
-from surgun_core.recipes import RECIPES, family_of, get_recipe, recipe_config
+from surgun_core.recipes import RECIPES, family_of, get_recipe, merge_settings, recipe_config
 from surgun_core.testing import tiny_backend
 from surgun_core.toyworld.paths import MODEL_DIR
 from surgun_ui.hosts import StandaloneHost
@@ -112,6 +112,19 @@ def test_the_toy_recipe_anchors_colours_on_their_tokens_where_the_layers_read_th
     assert recipe_config("toy", ["circle"], "object", retain_anchor="text", w_retain=2.0).w_retain == 2.0
     with pytest.raises(ConfigError, match="retain_anchor"):  # asked for by name: refused, not swapped
         recipe_config("toy", ["red"], "style", retain_anchor="text", localize_attention="self")
+    # the cross-attention K/V layers by pattern, or as the Localize node lists them: the text anchor stays
+    from surgun_core.engine.localize import BlockGroup
+
+    prompt_only = BlockGroup("cross down", ["down.0.attn2.to_k", "down.0.attn2.to_v"]).pattern
+    reads_image = BlockGroup("mixed", ["down.0.attn2.to_k", "down.0.attn1.to_v"]).pattern
+    for blocks, anchor in ((r"attn2\.(to_k|to_v)$", "text"), (prompt_only, "text"), (reads_image, "output")):
+        assert recipe_config("toy", ["red"], "style", blocks=blocks).retain_anchor == anchor, blocks
+    # a family with no measured text-anchor weight asks for one rather than guess (the toy world's is 4)
+    with pytest.raises(ConfigError, match="w_retain"):
+        recipe_config("sd1", ["cat"], "object", retain_anchor="text")
+    assert recipe_config("sd1", ["cat"], "object", retain_anchor="text", w_retain=2.0).w_retain == 2.0
+    colour = {"retain_anchor": "text", "w_retain": 4.0}
+    assert merge_settings("toy", colour, {"retain_anchor": None, "w_retain": None}) == colour  # None: not set
     # the tab's form goes through the same rule (its blocks field)
     tab = EraseRequest(concepts="red", preset="balanced", blocks="all-attn").to_config(StandaloneHost())
     assert (tab.retain_anchor, tab.w_retain) == ("output", 300.0)
